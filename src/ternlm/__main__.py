@@ -1,0 +1,3 @@
+from ternlm.cli import main
+
+raise SystemExit(main())

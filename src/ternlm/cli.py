@@ -1,0 +1,167 @@
+"""The `ternlm` command: run, chat and info. Every flag also reads an environment variable TERNLM_<FLAG>."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+
+from ternlm import __version__, load
+from ternlm.errors import TernlmError
+from ternlm.generate import GenerationEvent
+
+
+def _env(flag: str, default: object, kind: Callable = str) -> object:
+    value = os.environ.get("TERNLM_" + flag.upper().replace("-", "_"))
+    return default if value is None else kind(value)
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default=_env("model", None),
+                   help="model directory (env TERNLM_MODEL; default: the small model shipped with ternlm)")
+    p.add_argument("-t", "--threads", type=int, default=_env("threads", None, int),
+                   help="kernel threads (env TERNLM_THREADS; default: physical cores)")
+    p.add_argument("-c", "--ctx", type=int, default=_env("ctx", None, int),
+                   help="context length in tokens (env TERNLM_CTX; default: the model's maximum)")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
+    p.add_argument("-n", "--max-tokens", type=int, default=_env("max_tokens", max_tokens, int),
+                   help=f"tokens to generate (env TERNLM_MAX_TOKENS; default {max_tokens})")
+    p.add_argument("--temperature", type=float, default=_env("temperature", 0.8, float),
+                   help="sampling temperature, 0 = greedy (env TERNLM_TEMPERATURE; default 0.8)")
+    p.add_argument("--top-k", type=int, default=_env("top_k", 40, int),
+                   help="keep the k most likely tokens, 0 = off (env TERNLM_TOP_K; default 40)")
+    p.add_argument("--top-p", type=float, default=_env("top_p", 0.95, float),
+                   help="nucleus sampling mass (env TERNLM_TOP_P; default 0.95)")
+    p.add_argument("--min-p", type=float, default=_env("min_p", 0.05, float),
+                   help="drop tokens below min_p x the top probability (env TERNLM_MIN_P; default 0.05)")
+    p.add_argument("--repeat-penalty", type=float, default=_env("repeat_penalty", 1.0, float),
+                   help="repetition penalty, 1 = off (env TERNLM_REPEAT_PENALTY; default 1.0)")
+    p.add_argument("--seed", type=int, default=_env("seed", None, int),
+                   help="random seed for reproducible sampling (env TERNLM_SEED; default random)")
+
+
+def _sampling(args: argparse.Namespace) -> dict:
+    return {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "min_p": args.min_p,
+            "repetition_penalty": args.repeat_penalty, "seed": args.seed}
+
+
+def _stream(events: Iterator[GenerationEvent]) -> tuple[GenerationEvent | None, float, int]:
+    """Print events as they come; return the last event, seconds to the first one, and events seen."""
+    out = sys.stdout
+    start = time.perf_counter()
+    first_at, last, count = 0.0, None, 0
+    for ev in events:
+        if count == 0:
+            first_at = time.perf_counter() - start
+        count += 1
+        last = ev
+        out.write(ev.text)
+        out.flush()
+    return last, first_at, count
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    model = load(args.model, threads=args.threads, n_ctx=args.ctx)
+    if args.chat:
+        prompt: str | list[int] = model.chat_tokens([{"role": "user", "content": args.prompt}])
+    else:
+        prompt = args.prompt
+    start = time.perf_counter()
+    last, first_at, count = _stream(model.generate(prompt, args.max_tokens, ignore_eos=args.ignore_eos,
+                                                   **_sampling(args)))
+    total = time.perf_counter() - start
+    prompt_tokens = last.prompt_tokens if last else 0
+    gen_rate = (count - 1) / (total - first_at) if count > 1 and total > first_at else 0.0
+    print(file=sys.stdout)
+    print(f"[load {model.load_seconds:.2f} s | prompt {prompt_tokens} tok, "
+          f"{prompt_tokens / first_at if first_at else 0:.1f} tok/s | generated {count} tok, {gen_rate:.1f} tok/s"
+          f" | threads {model.info()['threads']} | {last.finish_reason if last else '-'}]", file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    model = load(args.model, threads=args.threads, n_ctx=args.ctx)
+    messages: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
+    print(f"ternlm chat with {model.path.name} — /reset clears the conversation, /exit or Ctrl-D quits.",
+          file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return 0
+        if line.strip() in ("/exit", "/quit"):
+            return 0
+        if line.strip() == "/reset":
+            messages = messages[:1] if args.system else []
+            continue
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        try:
+            reply = []
+            for ev in model.chat(messages, args.max_tokens, **_sampling(args)):
+                reply.append(ev.text)
+                sys.stdout.write(ev.text)
+                sys.stdout.flush()
+        except TernlmError as e:  # e.g. the conversation outgrew the context: say so, keep the session
+            messages.pop()
+            print(f"\nerror: {e}", file=sys.stderr)
+            continue
+        print()
+        messages.append({"role": "assistant", "content": "".join(reply)})
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    model = load(args.model, threads=args.threads, n_ctx=args.ctx)
+    for key, value in model.info().items():
+        print(f"{key:16} {value}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ternlm", description="Run ternary (1.58-bit) language models on CPUs.")
+    parser.add_argument("--version", action="version", version=f"ternlm {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="generate text from a prompt")
+    _add_model_args(run)
+    run.add_argument("-p", "--prompt", default=_env("prompt", "Once upon a time"),
+                     help="prompt text (env TERNLM_PROMPT; default 'Once upon a time')")
+    run.add_argument("--chat", action="store_true", default=_env("chat", False, _flag),
+                     help="wrap the prompt in the model's chat template as a user turn (env TERNLM_CHAT)")
+    run.add_argument("--ignore-eos", action="store_true", default=_env("ignore_eos", False, _flag),
+                     help="keep generating past end-of-sequence tokens, for benchmarks (env TERNLM_IGNORE_EOS)")
+    _add_sampling_args(run, 128)
+    run.set_defaults(func=cmd_run)
+
+    chat = sub.add_parser("chat", help="interactive multi-turn chat in the terminal")
+    _add_model_args(chat)
+    chat.add_argument("--system", default=_env("system", None),
+                      help="system prompt (env TERNLM_SYSTEM; default none)")
+    _add_sampling_args(chat, 512)
+    chat.set_defaults(func=cmd_chat)
+
+    info = sub.add_parser("info", help="print architecture, sizes and formats of a model")
+    _add_model_args(info)
+    info.set_defaults(func=cmd_info)
+    return parser
+
+
+def _flag(value: str) -> bool:
+    return value.strip().lower() in ("1", "true", "yes", "on")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except TernlmError as e:
+        print(f"ternlm: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

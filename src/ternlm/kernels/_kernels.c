@@ -1,0 +1,455 @@
+/* ternlm.kernels._kernels: the C API (validation, ISA dispatch, row split across threads) and its
+ * CPython binding (buffer protocol, size checks, GIL release). No numpy C API. */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <string.h>
+
+#include "ternary.h"
+
+/* ==== 1. C API ================================================================================== */
+
+static const tl_isa ISAS[] = {
+    {"scalar", tl_ref_quantize, tl_ref_ternary, tl_ref_float},
+#if defined(__x86_64__)
+    {"avx2", tl_avx2_quantize, tl_avx2_ternary, tl_avx2_float},
+    {"avx512vnni", tl_avx512_quantize, tl_avx512_ternary, tl_avx512_float},
+#endif
+};
+#define N_ISAS ((int)(sizeof(ISAS) / sizeof(ISAS[0])))
+
+static const tl_isa *supported[N_ISAS]; /* (n_supported) best last */
+static int n_supported;
+static _Atomic(const tl_isa *) active;
+static pthread_once_t isa_once = PTHREAD_ONCE_INIT;
+
+static void detect_isas(void) {
+    for (int i = 0; i < N_ISAS; i++) {
+        int ok = 1;
+#if defined(__x86_64__)
+        __builtin_cpu_init();
+        if (strcmp(ISAS[i].name, "avx2") == 0)
+            ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+        else if (strcmp(ISAS[i].name, "avx512vnni") == 0)
+            ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                 __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni") &&
+                 __builtin_cpu_supports("f16c") && __builtin_cpu_supports("fma");
+#endif
+        if (ok) supported[n_supported++] = &ISAS[i];
+    }
+    atomic_store(&active, supported[n_supported - 1]);
+}
+
+static const tl_isa *isa(void) {
+    pthread_once(&isa_once, detect_isas);
+    return atomic_load_explicit(&active, memory_order_relaxed);
+}
+
+int tl_isa_count(void) {
+    isa();
+    return n_supported;
+}
+
+const char *tl_isa_name(int i) {
+    isa();
+    return i >= 0 && i < n_supported ? supported[i]->name : NULL;
+}
+
+int tl_set_isa(const char *name) {
+    isa();
+    if (!name) return TL_ENULL;
+    for (int i = 0; i < n_supported; i++)
+        if (strcmp(supported[i]->name, name) == 0) {
+            atomic_store(&active, supported[i]);
+            return TL_OK;
+        }
+    return TL_EISA;
+}
+
+const char *tl_active_isa(void) { return isa()->name; }
+
+const char *tl_strerror(int status) {
+    switch (status) {
+    case TL_OK: return "ok";
+    case TL_ESIZE: return "a size is zero or negative";
+    case TL_EPAD: return "k_pad is not a multiple of 256, or k > k_pad";
+    case TL_ERANGE: return "a size is too large (k_pad > 2^22, or the buffer size overflows)";
+    case TL_ENULL: return "a required pointer is NULL";
+    case TL_EDTYPE: return "unknown float weight dtype";
+    case TL_ETHREADS: return "thread count out of range";
+    case TL_EISA: return "unknown ISA, or not supported by this CPU";
+    default: return "unknown error";
+    }
+}
+
+/* a * b <= INT64_MAX / 4 (room for the largest itemsize), both already > 0 */
+static int product_ok(int64_t a, int64_t b) { return a <= (INT64_MAX / 4) / b; }
+
+int tl_quantize_rows(const float *x, int64_t m, int64_t k, int64_t k_pad, int8_t *xq, float *a_scale,
+                     int32_t *sums) {
+    if (!x || !xq || !a_scale || !sums) return TL_ENULL;
+    if (m <= 0 || k <= 0 || k_pad <= 0) return TL_ESIZE;
+    if (k_pad % TL_BLOCK != 0 || k > k_pad) return TL_EPAD;
+    if (k_pad > TL_MAX_K || !product_ok(m, k_pad)) return TL_ERANGE;
+    isa()->quantize(x, m, k, k_pad, xq, a_scale, sums);
+    return TL_OK;
+}
+
+typedef struct {
+    tl_ternary_fn fn;
+    const uint8_t *w;
+    int64_t n, k_pad, m;
+    const int8_t *xq;
+    const int32_t *sums;
+    const float *a_scale;
+    float w_scale;
+    float *y;
+    int32_t *acc;
+} ternary_job;
+
+static void ternary_range(void *p, int64_t r0, int64_t r1) {
+    const ternary_job *j = p;
+    j->fn(j->w, j->k_pad, r0, r1, j->xq, j->sums, j->a_scale, j->w_scale, j->m, j->n, j->y, j->acc);
+}
+
+/* Rows per thread part: a multiple of the row tile, and enough work (~64 KB of weights) that the
+ * wake-up of a worker does not cost more than it saves. */
+static int64_t row_grain(int64_t row_bytes, int64_t m) {
+    const int64_t per_row = row_bytes < 65536 / m ? row_bytes * m : 65536;
+    int64_t rows = (65536 / per_row + TL_ROW_TILE - 1) / TL_ROW_TILE * TL_ROW_TILE;
+    return rows < TL_ROW_TILE ? TL_ROW_TILE : rows;
+}
+
+int tl_ternary_matmul(const uint8_t *w, int64_t n, int64_t k_pad, const int8_t *xq, const int32_t *sums,
+                      const float *a_scale, float w_scale, int64_t m, float *y, int32_t *acc_out) {
+    if (!w || !xq || !sums || !a_scale || (!y && !acc_out)) return TL_ENULL;
+    if (n <= 0 || m <= 0 || k_pad <= 0) return TL_ESIZE;
+    if (k_pad % TL_BLOCK != 0) return TL_EPAD;
+    if (k_pad > TL_MAX_K || !product_ok(n, k_pad) || !product_ok(m, k_pad) || !product_ok(m, n))
+        return TL_ERANGE;
+    ternary_job job = {isa()->ternary, w, n, k_pad, m, xq, sums, a_scale, w_scale, y, y ? NULL : acc_out};
+    return tl_parallel_for(n, row_grain(k_pad / 4, m), ternary_range, &job);
+}
+
+typedef struct {
+    tl_float_fn fn;
+    const void *w;
+    int dtype;
+    int64_t n, k, m;
+    const float *x;
+    float *y;
+} float_job;
+
+static void float_range(void *p, int64_t r0, int64_t r1) {
+    const float_job *j = p;
+    j->fn(j->w, j->dtype, j->k, r0, r1, j->x, j->m, j->n, j->y);
+}
+
+int tl_float_matmul(const void *w, int dtype, int64_t n, int64_t k, const float *x, int64_t m, float *y) {
+    if (!w || !x || !y) return TL_ENULL;
+    if (dtype != TL_F32 && dtype != TL_F16 && dtype != TL_BF16) return TL_EDTYPE;
+    if (n <= 0 || k <= 0 || m <= 0) return TL_ESIZE;
+    if (!product_ok(n, k) || !product_ok(m, k) || !product_ok(m, n)) return TL_ERANGE;
+    float_job job = {isa()->floatmm, w, dtype, n, k, m, x, y};
+    const int64_t esize = dtype == TL_F32 ? 4 : 2;
+    return tl_parallel_for(n, row_grain(k * esize, m), float_range, &job);
+}
+
+/* ==== 2. Python binding ========================================================================= */
+
+/* Exception classes; ternlm.kernels installs ShapeError and KernelError via set_exceptions(). */
+static PyObject *shape_error, *kernel_error;
+
+static int raise_status(int status) {
+    PyErr_Format(kernel_error, "kernel error %d: %s", status, tl_strerror(status));
+    return -1;
+}
+
+/* Accepts the format chars a native little-endian array of the wanted type can have. */
+static int format_is(const char *fmt, char want) {
+    if (!fmt) return want == 'B';
+    if (*fmt == '@' || *fmt == '=' || *fmt == '<') fmt++;
+    if (fmt[0] == '\0' || fmt[1] != '\0') return 0;
+    if (want == 'i' && sizeof(long) == 4 && fmt[0] == 'l') return 1;
+    return fmt[0] == want;
+}
+
+static const char *type_name(char fmt) {
+    switch (fmt) {
+    case 'f': return "float32";
+    case 'e': return "float16";
+    case 'H': return "uint16";
+    case 'b': return "int8";
+    case 'B': return "uint8";
+    case 'i': return "int32";
+    default: return "?";
+    }
+}
+
+/* a * b, or -1 when it exceeds 2^60 (sizes are positive) */
+static int64_t cnt(int64_t a, int64_t b) {
+    int64_t p;
+    return __builtin_mul_overflow(a, b, &p) || p > ((int64_t)1 << 60) ? -1 : p;
+}
+
+/* Gets a C-contiguous buffer of exactly `count` items of type fmt; on failure raises ShapeError. */
+static int get_buf(PyObject *obj, const char *name, char fmt, Py_ssize_t itemsize, int64_t count,
+                   int writable, Py_buffer *view) {
+    if (count < 0) {
+        PyErr_Format(shape_error, "%s: size overflows", name);
+        return -1;
+    }
+    int flags = PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0);
+    if (PyObject_GetBuffer(obj, view, flags) < 0) {
+        PyErr_Clear();
+        PyErr_Format(shape_error, "%s: expected a C-contiguous%s %s array", name, writable ? " writable" : "",
+                     type_name(fmt));
+        return -1;
+    }
+    if (view->itemsize != itemsize || !format_is(view->format, fmt)) {
+        PyErr_Format(shape_error, "%s: expected dtype %s, got buffer format '%s'", name, type_name(fmt),
+                     view->format ? view->format : "B");
+    } else if ((int64_t)view->len != count * itemsize) {
+        PyErr_Format(shape_error, "%s: expected %lld elements, got %lld", name, (long long)count,
+                     (long long)(view->len / itemsize));
+    } else {
+        return 0;
+    }
+    PyBuffer_Release(view);
+    return -1;
+}
+
+static int get_i64(PyObject *o, const char *name, int64_t *out) {
+    long long v = PyLong_AsLongLong(o);
+    if (v == -1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        PyErr_Format(shape_error, "%s: expected an int", name);
+        return -1;
+    }
+    *out = v;
+    return 0;
+}
+
+/* Sizes must be positive and their products small enough to compare buffer lengths safely. */
+static int check_sizes(int n_sizes, const int64_t *sizes, const char *what) {
+    for (int i = 0; i < n_sizes; i++)
+        if (sizes[i] <= 0) {
+            PyErr_Format(shape_error, "%s: sizes must be positive, got %lld", what, (long long)sizes[i]);
+            return -1;
+        }
+    return 0;
+}
+
+static int check_nargs(Py_ssize_t nargs, Py_ssize_t want, const char *fn) {
+    if (nargs == want) return 0;
+    PyErr_Format(PyExc_TypeError, "%s() takes %zd arguments (%zd given)", fn, want, nargs);
+    return -1;
+}
+
+/* quantize(x, xq, a_scale, sums, m, k, k_pad) */
+static PyObject *py_quantize(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    int64_t s[3];
+    if (check_nargs(nargs, 7, "quantize") || get_i64(args[4], "m", &s[0]) || get_i64(args[5], "k", &s[1]) ||
+        get_i64(args[6], "k_pad", &s[2]) || check_sizes(3, s, "quantize"))
+        return NULL;
+    const int64_t m = s[0], k = s[1], k_pad = s[2];
+    Py_buffer x, xq, as, sums;
+    if (get_buf(args[0], "x", 'f', 4, cnt(m, k), 0, &x)) return NULL;
+    if (get_buf(args[1], "xq", 'b', 1, cnt(m, k_pad), 1, &xq)) goto fail_x;
+    if (get_buf(args[2], "a_scale", 'f', 4, m, 1, &as)) goto fail_xq;
+    if (get_buf(args[3], "sums", 'i', 4, m, 1, &sums)) goto fail_as;
+    int st;
+    Py_BEGIN_ALLOW_THREADS
+    st = tl_quantize_rows(x.buf, m, k, k_pad, xq.buf, as.buf, sums.buf);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&sums);
+    PyBuffer_Release(&as);
+    PyBuffer_Release(&xq);
+    PyBuffer_Release(&x);
+    if (st != TL_OK) return raise_status(st), NULL;
+    Py_RETURN_NONE;
+fail_as:
+    PyBuffer_Release(&as);
+fail_xq:
+    PyBuffer_Release(&xq);
+fail_x:
+    PyBuffer_Release(&x);
+    return NULL;
+}
+
+/* ternary_matmul(w, n, k_pad, xq, sums, a_scale, w_scale, m, y, acc): exactly one of y / acc is None */
+static PyObject *py_ternary_matmul(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    int64_t s[3];
+    if (check_nargs(nargs, 10, "ternary_matmul") || get_i64(args[1], "n", &s[0]) ||
+        get_i64(args[2], "k_pad", &s[1]) || get_i64(args[7], "m", &s[2]) || check_sizes(3, s, "ternary_matmul"))
+        return NULL;
+    const int64_t n = s[0], k_pad = s[1], m = s[2];
+    if (k_pad % TL_BLOCK != 0) {
+        PyErr_Format(shape_error, "ternary_matmul: k_pad %lld is not a multiple of %d", (long long)k_pad, TL_BLOCK);
+        return NULL;
+    }
+    const double w_scale = PyFloat_AsDouble(args[6]);
+    if (w_scale == -1.0 && PyErr_Occurred()) return NULL;
+    const int want_y = args[8] != Py_None;
+    if (want_y == (args[9] != Py_None)) {
+        PyErr_SetString(shape_error, "ternary_matmul: pass exactly one of y and acc");
+        return NULL;
+    }
+    Py_buffer w, xq, sums, as, out;
+    if (get_buf(args[0], "packed", 'B', 1, cnt(n, k_pad / 4), 0, &w)) return NULL;
+    if (get_buf(args[3], "xq", 'b', 1, cnt(m, k_pad), 0, &xq)) goto fail_w;
+    if (get_buf(args[4], "sums", 'i', 4, m, 0, &sums)) goto fail_xq;
+    if (get_buf(args[5], "a_scale", 'f', 4, m, 0, &as)) goto fail_sums;
+    if (get_buf(want_y ? args[8] : args[9], want_y ? "out" : "out (acc)", want_y ? 'f' : 'i', 4, cnt(m, n), 1, &out))
+        goto fail_as;
+    int st;
+    Py_BEGIN_ALLOW_THREADS
+    st = tl_ternary_matmul(w.buf, n, k_pad, xq.buf, sums.buf, as.buf, (float)w_scale, m,
+                           want_y ? out.buf : NULL, want_y ? NULL : out.buf);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&out);
+    PyBuffer_Release(&as);
+    PyBuffer_Release(&sums);
+    PyBuffer_Release(&xq);
+    PyBuffer_Release(&w);
+    if (st != TL_OK) return raise_status(st), NULL;
+    Py_RETURN_NONE;
+fail_as:
+    PyBuffer_Release(&as);
+fail_sums:
+    PyBuffer_Release(&sums);
+fail_xq:
+    PyBuffer_Release(&xq);
+fail_w:
+    PyBuffer_Release(&w);
+    return NULL;
+}
+
+/* float_matmul(w, dtype, n, k, x, m, y) with dtype 0 = f32, 1 = f16, 2 = bf16 (uint16 storage) */
+static PyObject *py_float_matmul(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    int64_t dtype, s[3];
+    if (check_nargs(nargs, 7, "float_matmul") || get_i64(args[1], "dtype", &dtype) ||
+        get_i64(args[2], "n", &s[0]) || get_i64(args[3], "k", &s[1]) || get_i64(args[5], "m", &s[2]) ||
+        check_sizes(3, s, "float_matmul"))
+        return NULL;
+    const int64_t n = s[0], k = s[1], m = s[2];
+    static const char wfmt[3] = {'f', 'e', 'H'};
+    if (dtype < 0 || dtype > 2) return raise_status(TL_EDTYPE), NULL;
+    Py_buffer w, x, y;
+    if (get_buf(args[0], "w", wfmt[dtype], dtype == TL_F32 ? 4 : 2, cnt(n, k), 0, &w)) return NULL;
+    if (get_buf(args[4], "x", 'f', 4, cnt(m, k), 0, &x)) goto fail_w;
+    if (get_buf(args[6], "out", 'f', 4, cnt(m, n), 1, &y)) goto fail_x;
+    int st;
+    Py_BEGIN_ALLOW_THREADS
+    st = tl_float_matmul(w.buf, (int)dtype, n, k, x.buf, m, y.buf);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&y);
+    PyBuffer_Release(&x);
+    PyBuffer_Release(&w);
+    if (st != TL_OK) return raise_status(st), NULL;
+    Py_RETURN_NONE;
+fail_x:
+    PyBuffer_Release(&x);
+fail_w:
+    PyBuffer_Release(&w);
+    return NULL;
+}
+
+static PyObject *py_set_threads(PyObject *self, PyObject *arg) {
+    (void)self;
+    long n = PyLong_AsLong(arg);
+    if (n == -1 && PyErr_Occurred()) return NULL;
+    int st;
+    Py_BEGIN_ALLOW_THREADS /* may wait for a running job */
+    st = (n < 1 || n > TL_MAX_THREADS) ? TL_ETHREADS : tl_set_threads((int)n);
+    Py_END_ALLOW_THREADS
+    if (st != TL_OK) return raise_status(st), NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_get_threads(PyObject *self, PyObject *unused) {
+    (void)self;
+    (void)unused;
+    return PyLong_FromLong(tl_get_threads());
+}
+
+static PyObject *py_available_isas(PyObject *self, PyObject *unused) {
+    (void)self;
+    (void)unused;
+    PyObject *t = PyTuple_New(tl_isa_count());
+    if (!t) return NULL;
+    for (int i = 0; i < tl_isa_count(); i++) {
+        PyObject *s = PyUnicode_FromString(tl_isa_name(i));
+        if (!s) return Py_DECREF(t), NULL;
+        PyTuple_SET_ITEM(t, i, s);
+    }
+    return t;
+}
+
+static PyObject *py_set_isa(PyObject *self, PyObject *arg) {
+    (void)self;
+    const char *name = PyUnicode_AsUTF8(arg);
+    if (!name) return NULL;
+    int st = tl_set_isa(name);
+    if (st != TL_OK) {
+        PyErr_Format(kernel_error, "unknown or unsupported ISA '%s'", name);
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_active_isa(PyObject *self, PyObject *unused) {
+    (void)self;
+    (void)unused;
+    return PyUnicode_FromString(tl_active_isa());
+}
+
+static PyObject *py_set_exceptions(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *se, *ke;
+    if (!PyArg_ParseTuple(args, "OO", &se, &ke)) return NULL;
+    Py_INCREF(se);
+    Py_INCREF(ke);
+    Py_XSETREF(shape_error, se);
+    Py_XSETREF(kernel_error, ke);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"quantize", (PyCFunction)(void (*)(void))py_quantize, METH_FASTCALL,
+     "quantize(x, xq, a_scale, sums, m, k, k_pad): per-row int8 quantization into the given buffers"},
+    {"ternary_matmul", (PyCFunction)(void (*)(void))py_ternary_matmul, METH_FASTCALL,
+     "ternary_matmul(packed, n, k_pad, xq, sums, a_scale, w_scale, m, y, acc): y or acc (m, n)"},
+    {"float_matmul", (PyCFunction)(void (*)(void))py_float_matmul, METH_FASTCALL,
+     "float_matmul(w, dtype, n, k, x, m, y): y (m, n) = x (m, k) . w (n, k)^T; dtype 0 f32, 1 f16, 2 bf16"},
+    {"set_threads", py_set_threads, METH_O, "set_threads(n): threads per kernel call, caller included"},
+    {"get_threads", py_get_threads, METH_NOARGS, "get_threads() -> int"},
+    {"available_isas", py_available_isas, METH_NOARGS, "available_isas() -> tuple of names, best last"},
+    {"set_isa", py_set_isa, METH_O, "set_isa(name): use this ISA's kernels from now on"},
+    {"active_isa", py_active_isa, METH_NOARGS, "active_isa() -> str"},
+    {"set_exceptions", py_set_exceptions, METH_VARARGS, "set_exceptions(shape_error, kernel_error)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_kernels", "ternlm's C kernels (see ternary.h)", -1, methods,
+    NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__kernels(void) {
+    shape_error = Py_NewRef(PyExc_ValueError);
+    kernel_error = Py_NewRef(PyExc_RuntimeError);
+    isa();
+    PyObject *mod = PyModule_Create(&module);
+    if (!mod) return NULL;
+    if (PyModule_AddIntConstant(mod, "BLOCK", TL_BLOCK) || PyModule_AddIntConstant(mod, "MAX_K", TL_MAX_K) ||
+        PyModule_AddIntConstant(mod, "MAX_THREADS", TL_MAX_THREADS)) {
+        Py_DECREF(mod);
+        return NULL;
+    }
+    return mod;
+}

@@ -1,0 +1,116 @@
+/* The narrow C API of ternlm's kernels: plain pointers + sizes in, int status out.
+ *
+ * Packed ternary weight layout (see ternlm/ternary.py for the numpy reference):
+ *   codes c = w + 1 in {0,1,2}, 2 bits each; K padded to k_pad (multiple of 256) with code 1 (w = 0);
+ *   w is uint8 (n, k_pad / 4), row-major. Byte j (0..63) of 256-column block b of a row holds
+ *   columns 256b + j (bits 0-1), 256b + 64 + j (bits 2-3), 256b + 128 + j (bits 4-5) and
+ *   256b + 192 + j (bits 6-7), so one 64-byte load unpacks to four 64-column code vectors.
+ *
+ * Activations: per row i of x (m, k) float32, a_scale[i] = 127 / max(max_j |x[i,j]|, 1e-5),
+ *   xq = clamp(rint(x * a_scale), -128, 127) (round half to even), zero-padded to k_pad, and
+ *   sums[i] = sum_j xq[i, j]. Since codes are w + 1, acc = sum_j c * xq - sums[i].
+ *
+ * Every function validates its sizes and returns TL_OK or a negative TL_E* code; none aborts.
+ * Inputs must be finite (a NaN or inf activation row gives unspecified, but in-range, int8 values).
+ */
+#ifndef TERNLM_TERNARY_H
+#define TERNLM_TERNARY_H
+
+#include <stdint.h>
+
+#define TL_BLOCK 256
+/* Bound on k_pad: |sum c * xq| <= 2 * 128 * k_pad must stay below 2^31. */
+#define TL_MAX_K (1 << 22)
+#define TL_MAX_THREADS 256
+
+enum tl_status {
+    TL_OK = 0,
+    TL_ESIZE = -1,    /* a size is <= 0 */
+    TL_EPAD = -2,     /* k_pad is not a multiple of 256, or k > k_pad */
+    TL_ERANGE = -3,   /* a size is too large (k_pad > TL_MAX_K, or a product overflows) */
+    TL_ENULL = -4,    /* a required pointer is NULL */
+    TL_EDTYPE = -5,   /* unknown float weight dtype */
+    TL_ETHREADS = -6, /* bad thread count, or the pool could not start its threads */
+    TL_EISA = -7,     /* unknown ISA name, or not supported by this CPU */
+};
+
+enum tl_dtype { TL_F32 = 0, TL_F16 = 1, TL_BF16 = 2 };
+
+const char *tl_strerror(int status);
+
+/* x (m, k) -> xq (m, k_pad), a_scale (m), sums (m). */
+int tl_quantize_rows(const float *x, int64_t m, int64_t k, int64_t k_pad, int8_t *xq, float *a_scale,
+                     int32_t *sums);
+
+/* w (n, k_pad/4) packed, xq (m, k_pad), sums (m), a_scale (m).
+ * y (m, n) = float(acc) * (w_scale / a_scale[i]); or, when y == NULL, acc_out (m, n) = acc. */
+int tl_ternary_matmul(const uint8_t *w, int64_t n, int64_t k_pad, const int8_t *xq, const int32_t *sums,
+                      const float *a_scale, float w_scale, int64_t m, float *y, int32_t *acc_out);
+
+/* w (n, k) of dtype (f32, f16, or bf16 as uint16), x (m, k) -> y (m, n) = x . w^T, f32 accumulation. */
+int tl_float_matmul(const void *w, int dtype, int64_t n, int64_t k, const float *x, int64_t m, float *y);
+
+/* Threads: total count including the caller; the pool starts lazily on the first parallel call. */
+int tl_set_threads(int n);
+int tl_get_threads(void);
+
+/* ISAs: "scalar", "avx2", "avx512vnni"; the best supported one is active by default. */
+int tl_isa_count(void);            /* number supported by this CPU */
+const char *tl_isa_name(int i);    /* i-th supported, best last; NULL if out of range */
+int tl_set_isa(const char *name);  /* TL_EISA if unknown or unsupported */
+const char *tl_active_isa(void);
+
+/* ---- internal: per-ISA kernels with one signature each (ref.c, avx2.c, avx512.c) ----------------
+ * Sizes are already validated. Ternary/float kernels compute output columns [r0, r1) of y (ldy = n)
+ * for all m rows; the caller splits [0, n) across threads in multiples of TL_ROW_TILE. */
+#define TL_ROW_TILE 4
+
+typedef void (*tl_quantize_fn)(const float *x, int64_t m, int64_t k, int64_t k_pad, int8_t *xq,
+                               float *a_scale, int32_t *sums);
+typedef void (*tl_ternary_fn)(const uint8_t *w, int64_t k_pad, int64_t r0, int64_t r1, const int8_t *xq,
+                              const int32_t *sums, const float *a_scale, float w_scale, int64_t m,
+                              int64_t ldy, float *y, int32_t *acc_out);
+typedef void (*tl_float_fn)(const void *w, int dtype, int64_t k, int64_t r0, int64_t r1, const float *x,
+                            int64_t m, int64_t ldy, float *y);
+
+typedef struct {
+    const char *name;
+    tl_quantize_fn quantize;
+    tl_ternary_fn ternary;
+    tl_float_fn floatmm;
+} tl_isa;
+
+void tl_ref_quantize(const float *x, int64_t m, int64_t k, int64_t k_pad, int8_t *xq, float *a_scale,
+                     int32_t *sums);
+void tl_ref_ternary(const uint8_t *w, int64_t k_pad, int64_t r0, int64_t r1, const int8_t *xq,
+                    const int32_t *sums, const float *a_scale, float w_scale, int64_t m, int64_t ldy,
+                    float *y, int32_t *acc_out);
+void tl_ref_float(const void *w, int dtype, int64_t k, int64_t r0, int64_t r1, const float *x, int64_t m,
+                  int64_t ldy, float *y);
+float tl_f16_to_f32(uint16_t h);
+float tl_bf16_to_f32(uint16_t h);
+
+#if defined(__x86_64__)
+void tl_avx2_quantize(const float *x, int64_t m, int64_t k, int64_t k_pad, int8_t *xq, float *a_scale,
+                      int32_t *sums);
+void tl_avx2_ternary(const uint8_t *w, int64_t k_pad, int64_t r0, int64_t r1, const int8_t *xq,
+                     const int32_t *sums, const float *a_scale, float w_scale, int64_t m, int64_t ldy,
+                     float *y, int32_t *acc_out);
+void tl_avx2_float(const void *w, int dtype, int64_t k, int64_t r0, int64_t r1, const float *x, int64_t m,
+                   int64_t ldy, float *y);
+void tl_avx512_quantize(const float *x, int64_t m, int64_t k, int64_t k_pad, int8_t *xq, float *a_scale,
+                        int32_t *sums);
+void tl_avx512_ternary(const uint8_t *w, int64_t k_pad, int64_t r0, int64_t r1, const int8_t *xq,
+                       const int32_t *sums, const float *a_scale, float w_scale, int64_t m, int64_t ldy,
+                       float *y, int32_t *acc_out);
+void tl_avx512_float(const void *w, int dtype, int64_t k, int64_t r0, int64_t r1, const float *x, int64_t m,
+                     int64_t ldy, float *y);
+#endif
+
+/* ---- internal: thread pool (threads.c) ---------------------------------------------------------- */
+/* Runs fn(ctx, begin, end) over [0, n_items) split into one contiguous range per thread, each
+ * boundary a multiple of grain. Serialized: concurrent callers take turns. */
+typedef void (*tl_range_fn)(void *ctx, int64_t begin, int64_t end);
+int tl_parallel_for(int64_t n_items, int64_t grain, tl_range_fn fn, void *ctx);
+
+#endif /* TERNLM_TERNARY_H */

@@ -1,0 +1,107 @@
+"""The building blocks of the forward pass: ternary and float linear layers, RMSNorm, RoPE."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from ternlm import kernels, ternary
+from ternlm.errors import ShapeError
+
+
+class Quantized(NamedTuple):
+    """Activations quantized per token to int8, shared by every linear layer that reads the same input."""
+
+    xq: np.ndarray  # (m, k_pad) int8
+    a_scale: np.ndarray  # (m,) float32: 127 / max|x|
+    sums: np.ndarray  # (m,) int32: Σ xq, subtracted because weights are stored as codes w+1
+
+
+def quantize(x: np.ndarray) -> Quantized:
+    """Quantize (m, k) float32 activations for the ternary kernels."""
+    return Quantized(*kernels.quantize_activations(x))
+
+
+class TernaryLinear:
+    """A linear layer with weights in {-1, 0, +1} packed 2 bits each, times one per-tensor scale."""
+
+    def __init__(self, packed: np.ndarray, in_features: int, scale: float) -> None:
+        if packed.dtype != np.uint8 or packed.ndim != 2 or packed.shape[1] != ternary.padded_k(in_features) // 4:
+            raise ShapeError(f"packed weight of shape {packed.shape} {packed.dtype} does not hold "
+                             f"{in_features} input features")
+        self.packed = np.ascontiguousarray(packed)  # (out_features, k_pad // 4) uint8
+        self.in_features = in_features
+        self.out_features = packed.shape[0]
+        self.scale = float(scale)
+
+    @classmethod
+    def from_codes(cls, codes: np.ndarray, scale: float) -> TernaryLinear:
+        """Build from codes w+1 in {0, 1, 2}, shape (out, in): the form Hugging Face packs store."""
+        return cls(ternary.pack_codes(codes), codes.shape[1], scale)
+
+    @classmethod
+    def from_float(cls, weight: np.ndarray) -> TernaryLinear:
+        """Ternarize latent float weights (out, in) with the per-tensor absmean rule used in training."""
+        w, scale = ternary.ternarize(weight)
+        return cls(ternary.pack(w), weight.shape[1], scale)
+
+    def __call__(self, x: Quantized) -> np.ndarray:
+        # (m, out_features) float32
+        return kernels.ternary_matmul(self.packed, x.xq, x.a_scale, x.sums, self.scale)
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.nbytes
+
+
+class FloatMatrix:
+    """A float matrix (rows, cols) kept in its stored precision: the embedding table and the LM head."""
+
+    def __init__(self, weight: np.ndarray, dtype: str) -> None:
+        if dtype not in ("F32", "F16", "BF16") or weight.ndim != 2:
+            raise ShapeError(f"float matrix must be 2-D F32/F16/BF16, got {dtype} {weight.shape}")
+        self.weight = weight  # (rows, cols): float32, float16, or bfloat16 bits as uint16
+        self.dtype = dtype
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.weight.shape
+
+    def rows(self, ids: np.ndarray) -> np.ndarray:
+        """Gather rows as float32: the embedding lookup."""
+        picked = self.weight[ids]
+        if self.dtype == "BF16":
+            return ternary.bf16_to_f32(picked)
+        return picked.astype(np.float32)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        # x (m, cols) float32 -> (m, rows) float32
+        return kernels.float_matmul(self.weight, x)
+
+
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    """RMSNorm over the last axis, in float32 like the reference implementation."""
+    var = np.mean(np.square(x), axis=-1, keepdims=True, dtype=np.float32)
+    return weight * (x * (np.float32(1.0) / np.sqrt(var + np.float32(eps))))
+
+
+class Rope:
+    """Rotary position embedding in the rotate-half layout, with cos/sin tables for every position."""
+
+    def __init__(self, head_dim: int, theta: float, max_seq_len: int) -> None:
+        # float32 throughout, as in training: at position 4000 a float32 angle is off by ~1e-4 rad,
+        # and the model learned with exactly those angles.
+        exponent = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
+        inv_freq = np.float32(1.0) / np.power(np.float32(theta), exponent)
+        angles = np.outer(np.arange(max_seq_len, dtype=np.float32), inv_freq)  # (max_seq_len, head_dim/2)
+        self.cos = np.cos(angles)
+        self.sin = np.sin(angles)
+
+    def __call__(self, x: np.ndarray, start: int) -> np.ndarray:
+        # x (n_heads, t, head_dim) at positions start..start+t-1
+        t = x.shape[1]
+        cos, sin = self.cos[start:start + t], self.sin[start:start + t]  # (t, head_dim/2)
+        half = x.shape[-1] // 2
+        x1, x2 = x[..., :half], x[..., half:]
+        return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)

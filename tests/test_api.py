@@ -1,0 +1,98 @@
+"""The public API and the command line, on the model ternlm ships."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import ternlm
+from ternlm.cli import main
+
+
+@pytest.fixture(scope="module")
+def model() -> ternlm.Model:
+    return ternlm.load()
+
+
+def test_logits_shape_and_determinism(model: ternlm.Model) -> None:
+    a = model.logits([1, 2, 3])
+    assert a.shape == (3, model.config.vocab_size) and a.dtype == np.float32
+    np.testing.assert_array_equal(a, model.logits([1, 2, 3]))
+    # causal: a token's logits do not depend on the tokens after it
+    np.testing.assert_allclose(model.logits([1, 2, 3, 4, 5])[:3], a, rtol=1e-5, atol=1e-5)
+
+
+def test_logits_rejects_bad_ids(model: ternlm.Model) -> None:
+    with pytest.raises(ternlm.ShapeError):
+        model.logits([])
+    with pytest.raises(ternlm.ShapeError, match="token ids"):
+        model.logits([0, model.config.vocab_size])
+    with pytest.raises(ternlm.ShapeError):
+        model.logits([[1, 2]])
+
+
+def test_generate_greedy_follows_argmax(model: ternlm.Model) -> None:
+    prompt = model.tokenizer.encode("Hi")
+    events = list(model.generate(prompt, max_tokens=6, temperature=0.0, ignore_eos=True))
+    tokens = [e.token for e in events]
+    for i, tok in enumerate(tokens):  # each token is the argmax of a full forward pass over what precedes it
+        assert tok == int(model.logits(prompt + tokens[:i])[-1].argmax())
+    assert events[-1].finish_reason == "length"
+    assert "".join(e.text for e in events) == model.tokenizer.decode(tokens)
+
+
+def test_generate_seed_reproducible(model: ternlm.Model) -> None:
+    def run(seed: int) -> list[int]:
+        return [e.token for e in model.generate("Hello", max_tokens=12, temperature=1.0, seed=seed,
+                                                 ignore_eos=True)]
+    assert run(3) == run(3)
+    assert run(3) != run(4)
+
+
+def test_context_overflow_is_clear() -> None:
+    small = ternlm.load(n_ctx=16)
+    with pytest.raises(ternlm.ContextOverflowError, match="16"):
+        small.generate("Hello", max_tokens=20)
+
+
+def test_chat_uses_bitnet_template(model: ternlm.Model) -> None:
+    ids = model.chat_tokens([{"role": "user", "content": "Hi"}])
+    assert model.tokenizer.decode(ids, skip_special=False) == "<|begin_of_text|>User: Hi<|eot_id|>Assistant: "
+
+
+def test_info_reports_sizes(model: ternlm.Model) -> None:
+    info = model.info()
+    assert info["arch"] == "bitnet" and info["layers"] == 4 and info["tied_embeddings"]
+    assert info["ternary_bytes"] == sum(lin.packed.nbytes for layer in model.weights.layers
+                                        for lin in layer.linears())
+
+
+def test_cli_run_streams_and_summarises(capsys: pytest.CaptureFixture) -> None:
+    assert main(["run", "-p", "Hello", "-n", "8", "--temperature", "0", "--ignore-eos"]) == 0
+    out, err = capsys.readouterr()
+    assert "generated 8 tok" in err and "tok/s" in err and "threads" in err
+    model = ternlm.load()
+    expected = "".join(e.text for e in model.generate("Hello", 8, temperature=0.0, ignore_eos=True))
+    assert out.rstrip("\n") == expected.rstrip("\n")
+
+
+def test_cli_reports_errors_without_traceback(tmp_path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["run", str(tmp_path / "missing"), "-p", "x"]) == 1
+    assert "ternlm: error:" in capsys.readouterr().err
+
+
+def test_cli_chat_session() -> None:
+    """A real subprocess: two turns, a reset, then exit."""
+    proc = subprocess.run([sys.executable, "-m", "ternlm", "chat", "-n", "4", "--temperature", "0"],
+                          input="Hi\nHow are you?\n/reset\n/exit\n", capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("> ") >= 3
+
+
+def test_cli_info(capsys: pytest.CaptureFixture) -> None:
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "arch" in out and "bitnet" in out and "bytes_per_token" in out

@@ -1,0 +1,348 @@
+"""Every kernel on every ISA this CPU supports, against the numpy reference in ternlm.ternary.
+
+Tolerances: quantization and the int32 accumulator must be bit-identical; the scaled ternary output
+too (the same float32 operations: one division per row, one multiply per element); float matmuls
+sum in a different order than BLAS, so |y - ref| <= 1e-5 * (|x| @ |w|ᵀ) + 1e-30.
+"""
+
+import os
+import sys
+import threading
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from ternlm import kernels as K
+from ternlm import ternary as T
+from ternlm.errors import KernelError, ShapeError
+
+ISAS = K.available_isas()
+needs_ext = pytest.mark.skipif(K._ext is None, reason="C extension not built")
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    before = K.active_isa()
+    K.set_isa(request.param)
+    yield request.param
+    K.set_isa(before)
+
+
+@pytest.fixture(params=[1, 2, 3])
+def threads(request):
+    before = K.get_threads()
+    K.set_threads(request.param)
+    yield request.param
+    K.set_threads(before)
+
+
+def random_case(rng, m, n, k, scale=1.0):
+    w = rng.integers(-1, 2, size=(n, k)).astype(np.int8)
+    x = (rng.standard_normal((m, k)) * scale).astype(np.float32)
+    return w, T.pack(w), x
+
+
+# ---- quantization --------------------------------------------------------------------------------
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    x=hnp.arrays(
+        np.float32,
+        st.tuples(st.integers(1, 4), st.integers(1, 300)),
+        elements=st.floats(-1e6, 1e6, width=32, allow_subnormal=True),
+    )
+)
+def test_quantize_bit_identical(x):
+    expected = T.quantize_activations(x)
+    for name in ISAS:
+        K.set_isa(name)
+        got = K.quantize_activations(x)
+        for g, e in zip(got, expected, strict=True):
+            assert g.dtype == e.dtype
+            np.testing.assert_array_equal(g, e, err_msg=name)
+    K.set_isa(ISAS[-1])
+
+
+@settings(max_examples=30, deadline=None)
+@given(halves=st.lists(st.integers(-127, 126), min_size=1, max_size=70), amax=st.sampled_from([127.0, 254.0]))
+def test_quantize_ties(halves, amax):
+    # a_scale is exactly 1 or 0.5, so every product is an exact n + 0.5 tie
+    x = np.array([[amax] + [(h + 0.5) * amax / 127 for h in halves]], np.float32)
+    expected = T.quantize_activations(x)
+    for name in ISAS:
+        K.set_isa(name)
+        for g, e in zip(K.quantize_activations(x), expected, strict=True):
+            np.testing.assert_array_equal(g, e, err_msg=name)
+    K.set_isa(ISAS[-1])
+
+
+def test_quantize_zero_rows_and_out(isa):
+    x = np.zeros((3, 257), np.float32)
+    x[1] = np.linspace(-1e-6, 1e-6, 257)
+    out = (np.full((3, 512), 7, np.int8), np.empty(3, np.float32), np.empty(3, np.int32))
+    got = K.quantize_activations(x, out=out)
+    assert got[0] is out[0]
+    for g, e in zip(got, T.quantize_activations(x), strict=True):
+        np.testing.assert_array_equal(g, e)
+
+
+# ---- ternary matmul ------------------------------------------------------------------------------
+
+
+def check_ternary(rng, m, n, k):
+    w, packed, x = random_case(rng, m, n, k)
+    xq, a_scale, sums = K.quantize_activations(x)
+    acc = K.ternary_matmul_i32(packed, xq, sums)
+    np.testing.assert_array_equal(acc, xq[:, :k].astype(np.int64) @ w.T.astype(np.int64))
+    w_scale = float(rng.uniform(0.01, 2.0))
+    y = K.ternary_matmul(packed, xq, a_scale, sums, w_scale)
+    assert y.dtype == np.float32 and y.shape == (m, n)
+    np.testing.assert_array_equal(y, T.ternary_matmul(packed, xq, a_scale, sums, w_scale))
+
+
+def test_gemv_shapes(isa, threads):
+    rng = np.random.default_rng(10 + threads)
+    for n, k in [(1, 1), (3, 255), (4, 256), (7, 257), (64, 2560), (301, 2999), (257, 1000)]:
+        check_ternary(rng, 1, n, k)
+
+
+def test_gemm_shapes(isa, threads):
+    rng = np.random.default_rng(20 + threads)
+    for _ in range(6):
+        m = int(rng.integers(2, 71))
+        n = int(rng.integers(1, 301))
+        k = int(rng.integers(1, 3001))
+        check_ternary(rng, m, n, k)
+    check_ternary(rng, 70, 300, 3000)
+
+
+def test_extreme_activations(isa):
+    """All activations at ±127 or -128 and all weights ±1: the largest accumulators."""
+    k, n = 4096, 8
+    packed = T.pack(np.ones((n, k), np.int8))
+    packed_neg = T.pack(-np.ones((n, k), np.int8))
+    xq = np.full((2, k), 127, np.int8)
+    xq[1] = -128
+    sums = xq.sum(axis=1, dtype=np.int32)
+    np.testing.assert_array_equal(K.ternary_matmul_i32(packed, xq, sums)[:, 0], [127 * k, -128 * k])
+    np.testing.assert_array_equal(K.ternary_matmul_i32(packed_neg, xq, sums)[:, 0], [-127 * k, 128 * k])
+
+
+def test_out_buffer_reused(isa):
+    rng = np.random.default_rng(5)
+    _, packed, x = random_case(rng, 3, 10, 300)
+    xq, a_scale, sums = K.quantize_activations(x)
+    out = np.empty((3, 10), np.float32)
+    assert K.ternary_matmul(packed, xq, a_scale, sums, 0.5, out=out) is out
+    np.testing.assert_array_equal(out, T.ternary_matmul(packed, xq, a_scale, sums, 0.5))
+
+
+# ---- float matmul --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f16", "bf16"])
+def test_float_matmul(isa, threads, dtype):
+    rng = np.random.default_rng(30)
+    for m, n, k in [(1, 1, 1), (1, 37, 15), (1, 300, 2560), (3, 5, 17), (9, 70, 1000), (70, 13, 300)]:
+        w32 = rng.standard_normal((n, k)).astype(np.float32)
+        w = {"f32": w32, "f16": w32.astype(np.float16), "bf16": T.f32_to_bf16(w32)}[dtype]
+        x = rng.standard_normal((m, k)).astype(np.float32)
+        y = K.float_matmul(w, x)
+        ref = T.float_matmul(w, x)
+        wf = T.bf16_to_f32(w) if dtype == "bf16" else w.astype(np.float32)
+        bound = 1e-5 * (np.abs(x).astype(np.float64) @ np.abs(wf).T.astype(np.float64)) + 1e-30
+        assert y.shape == (m, n) and y.dtype == np.float32
+        assert np.all(np.abs(y - ref) <= bound), (m, n, k)
+
+
+def test_float16_special_values(isa):
+    w = np.array([[1.0, -2.0, 6.1e-5, 5.96e-8, 65504.0, -0.0]], np.float16)  # incl. subnormals
+    x = np.ones((1, 6), np.float32)
+    assert K.float_matmul(w, x)[0, 0] == pytest.approx(float(w.astype(np.float64).sum()), rel=1e-6)
+
+
+# ---- threads -------------------------------------------------------------------------------------
+
+
+@needs_ext
+def test_concurrent_callers():
+    """Two Python threads calling kernels at once (GIL released) both get correct results."""
+    K.set_threads(2)
+    rng = np.random.default_rng(40)
+    cases = [random_case(rng, m, 200, 1000) for m in (1, 5)]
+    expected = []
+    for _, packed, x in cases:
+        q = T.quantize_activations(x)
+        expected.append(T.ternary_matmul(packed, q[0], q[1], q[2], 1.0))
+    errors = []
+
+    def work(i):
+        _, packed, x = cases[i]
+        for _ in range(200):
+            q = K.quantize_activations(x)
+            if not np.array_equal(K.ternary_matmul(packed, *q, 1.0), expected[i]):
+                errors.append(i)
+
+    ts = [threading.Thread(target=work, args=(i,)) for i in (0, 1)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert not errors
+
+
+@needs_ext
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_pool_survives_fork():
+    K.set_threads(2)
+    rng = np.random.default_rng(41)
+    _, packed, x = random_case(rng, 1, 64, 512)
+    q = K.quantize_activations(x)
+    expected = K.ternary_matmul(packed, *q, 1.0)  # the pool is running before the fork
+    pid = os.fork()
+    if pid == 0:
+        ok = np.array_equal(K.ternary_matmul(packed, *q, 1.0), expected)
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WEXITSTATUS(status) == 0
+
+
+def test_thread_settings():
+    before = K.get_threads()
+    K.set_threads(3)
+    assert K.get_threads() == 3
+    K.set_threads(before)
+    assert K.default_threads() >= 1
+    with pytest.raises(KernelError):
+        K.set_threads(0)
+    with pytest.raises(KernelError):
+        K.set_isa("no-such-isa")
+    assert K.active_isa() in ISAS
+
+
+# ---- bad inputs raise, never crash ---------------------------------------------------------------
+
+
+@pytest.fixture
+def good():
+    rng = np.random.default_rng(50)
+    _, packed, x = random_case(rng, 2, 12, 300)
+    xq, a_scale, sums = K.quantize_activations(x)
+    return packed, xq, a_scale, sums, x
+
+
+def test_quantize_bad_inputs():
+    bad = [
+        np.zeros((2, 8), np.float64),  # dtype
+        np.zeros(8, np.float32),  # ndim
+        np.zeros((4, 16), np.float32)[:, ::2],  # not contiguous
+        [[1.0, 2.0]],  # not an array
+    ]
+    for x in bad:
+        with pytest.raises(ShapeError):
+            K.quantize_activations(x)
+    x = np.ones((2, 300), np.float32)
+    with pytest.raises(ShapeError):  # out too small
+        K.quantize_activations(x, out=(np.empty((2, 256), np.int8), np.empty(2, np.float32), np.empty(2, np.int32)))
+    with pytest.raises(ShapeError):  # out of the wrong dtype
+        K.quantize_activations(x, out=(np.empty((2, 512), np.int8), np.empty(2, np.float64), np.empty(2, np.int32)))
+
+
+def test_ternary_bad_inputs(good):
+    packed, xq, a_scale, sums, _ = good
+    cases = [
+        (packed.view(np.int8), xq, a_scale, sums),  # packed dtype
+        (packed[:, :64], xq, a_scale, sums),  # k_pad mismatch
+        (packed[::2], xq, a_scale, sums),  # not contiguous
+        (packed, xq.astype(np.int16), a_scale, sums),  # xq dtype
+        (packed, xq, a_scale[:1], sums),  # a_scale too short
+        (packed, xq, a_scale.astype(np.float64), sums),  # a_scale dtype
+        (packed, xq, a_scale, sums[:1]),  # sums too short
+        (packed, xq, a_scale, sums.astype(np.int64)),  # sums dtype
+        (packed[0], xq, a_scale, sums),  # ndim
+    ]
+    for args in cases:
+        with pytest.raises(ShapeError):
+            K.ternary_matmul(*args, 1.0)
+    with pytest.raises(ShapeError):
+        K.ternary_matmul(packed, xq, a_scale, sums, 1.0, out=np.empty((2, 11), np.float32))
+    ro = np.empty((2, 12), np.float32)
+    ro.flags.writeable = False
+    with pytest.raises(ShapeError):
+        K.ternary_matmul(packed, xq, a_scale, sums, 1.0, out=ro)
+    with pytest.raises(ShapeError):
+        K.ternary_matmul_i32(packed, xq, sums, out=np.empty((2, 12), np.float32))
+
+
+def test_float_bad_inputs():
+    w = np.ones((4, 8), np.float32)
+    x = np.ones((2, 8), np.float32)
+    for bw, bx in [(w.astype(np.float64), x), (w, x[:, :7]), (w, x.astype(np.float16)), (w[:, ::2], x[:, :4])]:
+        with pytest.raises(ShapeError):
+            K.float_matmul(bw, bx)
+    with pytest.raises(ShapeError):
+        K.float_matmul(w, x, out=np.empty((2, 3), np.float32))
+
+
+@needs_ext
+def test_extension_validates_sizes(good):
+    """The C layer checks sizes itself: wrong sizes or short buffers raise instead of overrunning."""
+    packed, xq, a_scale, sums, x = good
+    ext = K._ext
+    n, kp = packed.shape[0], xq.shape[1]
+    y = np.empty((2, n), np.float32)
+    with pytest.raises(ShapeError):  # m larger than the buffers hold
+        ext.ternary_matmul(packed, n, kp, xq, sums, a_scale, 1.0, 3, y, None)
+    with pytest.raises(ShapeError):  # n larger than packed holds
+        ext.ternary_matmul(packed, n + 1, kp, xq, sums, a_scale, 1.0, 2, y, None)
+    with pytest.raises(ShapeError):  # k_pad not a multiple of 256
+        ext.ternary_matmul(packed, n, kp - 4, xq, sums, a_scale, 1.0, 2, y, None)
+    with pytest.raises(ShapeError):  # both outputs
+        ext.ternary_matmul(packed, n, kp, xq, sums, a_scale, 1.0, 2, y, y)
+    with pytest.raises(ShapeError):  # zero size
+        ext.ternary_matmul(packed, 0, kp, xq, sums, a_scale, 1.0, 2, y, None)
+    with pytest.raises(ShapeError):  # size product overflows
+        ext.ternary_matmul(packed, 2**62, kp, xq, sums, a_scale, 1.0, 2, y, None)
+    with pytest.raises(KernelError):  # k > k_pad: rejected by the C API itself
+        ext.quantize(np.ones((2, 600), np.float32), np.empty((2, 512), np.int8), a_scale, sums, 2, 600, 512)
+    with pytest.raises(KernelError):  # k_pad above the documented bound
+        ext.ternary_matmul(
+            np.empty(2**21, np.uint8),
+            1,
+            2**23,
+            np.empty(2**23, np.int8),
+            sums[:1],
+            a_scale[:1],
+            1.0,
+            1,
+            y[:1, :1].copy(),
+            None,
+        )
+    with pytest.raises(KernelError):
+        ext.float_matmul(np.ones((4, 8), np.float32), 7, 4, 8, x[:, :8].copy(), 2, y[:, :4].copy())
+    with pytest.raises(TypeError):
+        ext.ternary_matmul(packed, n, kp)
+
+
+def test_fallback_is_importable():
+    """The package degrades to numpy when the extension is absent (checked in a fresh interpreter)."""
+    import subprocess
+
+    code = (
+        "import sys, warnings; sys.modules['ternlm.kernels._kernels'] = None\n"
+        "import numpy as np\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    from ternlm import kernels as K, ternary as T\n"
+        "assert any('numpy reference' in str(x.message) for x in w)\n"
+        "x = np.ones((1, 300), np.float32); q = K.quantize_activations(x)\n"
+        "p = T.pack(np.ones((4, 300), np.int8))\n"
+        "assert (K.ternary_matmul_i32(p, q[0], q[2]) == 127 * 300).all()\n"
+        "assert K.available_isas() == ['numpy']\n"
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=60)

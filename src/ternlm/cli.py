@@ -76,7 +76,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     total = time.perf_counter() - start
     prompt_tokens = last.prompt_tokens if last else 0
     gen_rate = (count - 1) / (total - first_at) if count > 1 and total > first_at else 0.0
-    print(file=sys.stdout)
+    print(file=sys.stdout, flush=True)
     print(f"[load {model.load_seconds:.2f} s | prompt {prompt_tokens} tok, "
           f"{prompt_tokens / first_at if first_at else 0:.1f} tok/s | generated {count} tok, {gen_rate:.1f} tok/s"
           f" | threads {model.info()['threads']} | {last.finish_reason if last else '-'}]", file=sys.stderr)

@@ -1,8 +1,12 @@
-"""Kernel throughput on BitNet b1.58 2B4T shapes: GEMV GB/s of packed weights, GEMM int8 GOPS, LM head GB/s.
+"""Kernel throughput on BitNet b1.58 2B4T shapes, in hardware terms, at 1 and 2 threads.
 
-    python benchmarks/bench_kernels.py [--layers 30] [--reps 5] [--head]
+    python benchmarks/bench_kernels.py [--layers 30] [--reps 5] [--gemm 128,512] [--no-f16]
 
-Every figure is the median of --reps runs; the numpy reference is timed in the same run for the ratio.
+Decode: one token = per layer the four fused ternary GEMVs qkv 3840x2560, o 2560x2560, gate|up 13824x2560,
+down 2560x6912 (one call each, per-row scales), then the 128256x2560 LM head in Q8_0 (and in F16 for
+comparison). Printed as GB/s of weights read and as % of the DRAM bandwidth measured in the same run by
+a one-pass read of a 1 GiB buffer on the same threads. Prefill: int8 GOPS of the fused GEMMs at m tokens.
+Every figure is the median of --reps runs.
 """
 
 from __future__ import annotations
@@ -17,9 +21,9 @@ import numpy as np
 from ternlm import kernels as K
 from ternlm import ternary as T
 
-# (n, k) of the seven BitLinear weights of one 2B4T layer
-LAYER = {"q": (2560, 2560), "k": (640, 2560), "v": (640, 2560), "o": (2560, 2560),
-         "gate": (6912, 2560), "up": (6912, 2560), "down": (2560, 6912)}  # fmt: skip
+# (n, k) of the four fused ternary matmuls of one 2B4T layer
+LAYER = {"qkv": (3840, 2560), "o": (2560, 2560), "gate_up": (13824, 2560), "down": (2560, 6912)}
+HEAD = (128256, 2560)
 
 
 def median_time(fn, reps: int) -> float:
@@ -31,74 +35,87 @@ def median_time(fn, reps: int) -> float:
     return statistics.median(times)
 
 
-def make_layers(n_layers: int, rng: np.random.Generator) -> list[dict[str, np.ndarray]]:
-    # Random bytes: the kernels' speed does not depend on the code values.
-    return [
-        {name: rng.integers(0, 255, size=(n, T.padded_k(k) // 4), dtype=np.uint8) for name, (n, k) in LAYER.items()}
-        for _ in range(n_layers)
-    ]
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=30)
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--head", action="store_true", help="also time the 128256x2560 bf16 LM head GEMV")
+    ap.add_argument("--gemm", default="128,512", help="prefill token counts (empty: skip)")
+    ap.add_argument("--no-f16", action="store_true", help="skip the F16 head")
+    ap.add_argument("--threads", default="1,2")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
-    layers = make_layers(args.layers, rng)
-    total_bytes = sum(w.nbytes for layer in layers for w in layer.values())
+    # Random bytes: the kernels' speed does not depend on the values.
+    layers = [
+        {name: rng.integers(0, 255, size=(n, T.padded_k(k) // 4), dtype=np.uint8) for name, (n, k) in LAYER.items()}
+        for _ in range(args.layers)
+    ]
+    scales = {name: rng.uniform(0.5, 1.5, n).astype(np.float32) for name, (n, _) in LAYER.items()}
+    tern_bytes = sum(w.nbytes for layer in layers for w in layer.values())
+    hq = rng.integers(-127, 128, size=HEAD, dtype=np.int8)
+    hd = rng.uniform(1e-3, 2e-3, size=(HEAD[0], HEAD[1] // 32)).astype(np.float16)
+    q8_bytes = hq.nbytes + hd.nbytes
+    hf16 = None if args.no_f16 else rng.standard_normal(HEAD, dtype=np.float32).astype(np.float16)
+    probe = np.ones(1 << 30, np.uint8)
     acts = {k: K.quantize_activations(rng.standard_normal((1, k)).astype(np.float32)) for k in (2560, 6912)}
     outs = {name: np.empty((1, n), np.float32) for name, (n, _) in LAYER.items()}
-    print(f"{platform.processor() or platform.machine()}, ISA {K.active_isa()}, "
-          f"{args.layers} layers, {total_bytes / 1e6:.0f} MB packed")  # fmt: skip
+    x_head = rng.standard_normal((1, HEAD[1])).astype(np.float32)
+    hx = K.quantize_act_q8_0(x_head)
+    y_head = np.empty((1, HEAD[0]), np.float32)
+    print(f"{platform.processor() or platform.machine()}, ISA {K.active_isa()}, {args.layers} layers: "
+          f"ternary {tern_bytes / 1e6:.0f} MB ({4 * args.layers} calls), head Q8_0 {q8_bytes / 1e6:.0f} MB"
+          + ("" if hf16 is None else f", F16 {hf16.nbytes / 1e6:.0f} MB"))  # fmt: skip
 
-    def gemv_all() -> None:
+    def ternary_step() -> None:
         for layer in layers:
             for name, w in layer.items():
                 xq, a_scale, sums = acts[LAYER[name][1]]
-                K.ternary_matmul(w, xq, a_scale, sums, 1.0, out=outs[name])
+                K.ternary_matmul(w, xq, a_scale, sums, scales[name], out=outs[name])
 
-    def gemv_ref_one_layer() -> None:
-        for name, w in layers[0].items():
-            xq, a_scale, sums = acts[LAYER[name][1]]
-            T.ternary_matmul(w, xq, a_scale, sums, 1.0)
+    def q8_head() -> None:
+        K.q8_matmul(hq, hd, hx[0], hx[1], out=y_head)
 
-    ref_t = median_time(gemv_ref_one_layer, 2) * args.layers
-    m = 128
-    gemm_acts = {k: K.quantize_activations(rng.standard_normal((m, k)).astype(np.float32)) for k in (2560, 6912)}
-    ops = sum(2 * m * n * k for n, k in LAYER.values())
+    def f16_head() -> None:
+        K.float_matmul(hf16, x_head, out=y_head)
 
-    def gemm_layer() -> None:
-        for name, w in layers[0].items():
-            xq, a_scale, sums = gemm_acts[LAYER[name][1]]
-            K.ternary_matmul(w, xq, a_scale, sums, 1.0)
+    def decode_step() -> None:
+        ternary_step()
+        q8_head()
 
-    def gemm_ref_layer() -> None:
-        for name, w in layers[0].items():
-            xq, a_scale, sums = gemm_acts[LAYER[name][1]]
-            T.ternary_matmul(w, xq, a_scale, sums, 1.0)
+    gemm_ms = [int(v) for v in args.gemm.split(",") if v]
+    gemm_acts = {
+        m: {k: K.quantize_activations(rng.standard_normal((m, k)).astype(np.float32)) for k in (2560, 6912)}
+        for m in gemm_ms
+    }
 
-    gemm_ref_t = median_time(gemm_ref_layer, 2)
-    for threads in (1, 2):
+    for threads in [int(t) for t in args.threads.split(",")]:
         K.set_threads(threads)
-        gemv_all()  # warm up the pool and page in the weights
-        t = median_time(gemv_all, args.reps)
-        print(f"GEMV m=1, {threads}T: {t * 1e3:7.2f} ms per token ({args.layers * 7} calls), "
-              f"{total_bytes / t / 1e9:5.1f} GB/s; numpy ref {ref_t * 1e3:.0f} ms, ratio {ref_t / t:.0f}x")  # fmt: skip
-        gemm_layer()
-        t = median_time(gemm_layer, args.reps)
-        print(f"GEMM m={m}, {threads}T: {t * 1e3:7.2f} ms per layer, {ops / t / 1e9:6.0f} int8 GOPS; "
-              f"numpy ref {gemm_ref_t * 1e3:.0f} ms, ratio {gemm_ref_t / t:.0f}x")  # fmt: skip
-    if args.head:
-        head = rng.integers(0, 2**16, size=(128256, 2560), dtype=np.uint16) & np.uint16(0xBFFF)  # finite bf16
-        x = rng.standard_normal((1, 2560)).astype(np.float32)
-        out = np.empty((1, 128256), np.float32)
-        for threads in (1, 2):
-            K.set_threads(threads)
-            K.float_matmul(head, x, out=out)
-            t = median_time(lambda: K.float_matmul(head, x, out=out), args.reps)
-            print(f"LM head bf16 GEMV, {threads}T: {t * 1e3:7.2f} ms, {head.nbytes / t / 1e9:5.1f} GB/s")
+        K._ext.read_probe(probe)
+        bw = probe.nbytes / median_time(lambda: K._ext.read_probe(probe), args.reps)
+
+        def report(label: str, fn, nbytes: int, threads: int = threads, bw: float = bw) -> None:
+            fn()  # warm up the pool and page in the weights
+            t = median_time(fn, args.reps)
+            rate = nbytes / t
+            print(f"  {threads}T {label:<28} {t * 1e3:7.2f} ms  {rate / 1e9:5.1f} GB/s  {100 * rate / bw:4.0f} %")
+
+        print(f"{threads} thread(s): read probe {bw / 1e9:.1f} GB/s (1 GiB, one pass)")
+        report("ternary layers", ternary_step, tern_bytes)
+        report("head Q8_0", q8_head, q8_bytes)
+        if hf16 is not None:
+            report("head F16", f16_head, hf16.nbytes)
+        report("decode step (ternary + Q8_0)", decode_step, tern_bytes + q8_bytes)
+        for m in gemm_ms:
+            ops = sum(2 * m * n * k for n, k in LAYER.values())
+
+            def gemm_layer(m: int = m) -> None:
+                for name, w in layers[0].items():
+                    xq, a_scale, sums = gemm_acts[m][LAYER[name][1]]
+                    K.ternary_matmul(w, xq, a_scale, sums, scales[name])
+
+            gemm_layer()
+            t = median_time(gemm_layer, args.reps)
+            print(f"  {threads}T GEMM m={m:<4} one layer       {t * 1e3:7.2f} ms  {ops / t / 1e9:6.0f} int8 GOPS "
+                  f"({ops / 2 / t / 1e9 / threads:.0f} GMAC/s per thread)")  # fmt: skip
     K.set_threads(K.default_threads())
 
 

@@ -96,3 +96,18 @@ def test_cli_info(capsys: pytest.CaptureFixture) -> None:
     assert main(["info"]) == 0
     out = capsys.readouterr().out
     assert "arch" in out and "bitnet" in out and "bytes_per_token" in out
+
+
+def test_q8_head_is_close_to_float_head() -> None:
+    """The default Q8_0 head (and tied embedding) moves logits by a few % of their spread (int8 activation
+    roundings flip downstream of the quantized embedding), and keeps the argmax almost everywhere."""
+    exact, q8 = ternlm.load(head="float"), ternlm.load()
+    assert q8.info()["head_dtype"] == "Q8_0" and exact.info()["head_dtype"] == "F16"
+    assert q8.info()["head_bytes"] < 0.55 * exact.info()["head_bytes"]
+    tokens = list(np.random.default_rng(0).integers(0, 256, 200))
+    a, b = exact.logits(tokens), q8.logits(tokens)
+    rel = np.abs(a - b).mean(axis=-1) / a.std()
+    assert np.median(rel) < 0.1, np.median(rel)  # measured 0.036; a wrong scale or layout gives ~1
+    assert np.mean(a.argmax(-1) == b.argmax(-1)) > 0.9
+    with pytest.raises(ternlm.TernlmError, match="head"):
+        ternlm.load(head="q3")

@@ -132,6 +132,27 @@ def test_extreme_activations(isa):
     np.testing.assert_array_equal(K.ternary_matmul_i32(packed_neg, xq, sums)[:, 0], [-127 * k, 128 * k])
 
 
+def test_per_row_w_scale(isa, threads):
+    """Fused projections: one float32 scale per output row, bit-identical to the numpy reference."""
+    rng = np.random.default_rng(6)
+    for m, n, k in [(1, 7, 300), (1, 130, 2560), (5, 33, 700)]:
+        _, packed, x = random_case(rng, m, n, k)
+        xq, a_scale, sums = K.quantize_activations(x)
+        w_scale = rng.uniform(0.01, 2.0, n).astype(np.float32)
+        y = K.ternary_matmul(packed, xq, a_scale, sums, w_scale)
+        acc = K.ternary_matmul_i32(packed, xq, sums).astype(np.float32)
+        np.testing.assert_array_equal(y, acc * (w_scale[None, :] / a_scale[:, None]))
+        np.testing.assert_array_equal(y, T.ternary_matmul(packed, xq, a_scale, sums, w_scale))
+        # a constant array equals the scalar path
+        np.testing.assert_array_equal(
+            K.ternary_matmul(packed, xq, a_scale, sums, np.full(n, 0.75, np.float32)),
+            K.ternary_matmul(packed, xq, a_scale, sums, 0.75),
+        )
+    for bad in (w_scale[:-1], w_scale.astype(np.float64), w_scale.reshape(1, -1)):
+        with pytest.raises(ShapeError):
+            K.ternary_matmul(packed, xq, a_scale, sums, bad)
+
+
 def test_out_buffer_reused(isa):
     rng = np.random.default_rng(5)
     _, packed, x = random_case(rng, 3, 10, 300)
@@ -163,6 +184,97 @@ def test_float16_special_values(isa):
     w = np.array([[1.0, -2.0, 6.1e-5, 5.96e-8, 65504.0, -0.0]], np.float16)  # incl. subnormals
     x = np.ones((1, 6), np.float32)
     assert K.float_matmul(w, x)[0, 0] == pytest.approx(float(w.astype(np.float64).sum()), rel=1e-6)
+
+
+# ---- Q8_0 head ----------------------------------------------------------------------------------
+
+
+def q8_case(rng, m, n, k, outlier=True):
+    w = (rng.standard_normal((n, k)) * 0.05).astype(np.float32)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    if outlier:
+        x[:, rng.integers(0, k)] *= 100.0  # hidden states have outlier dimensions
+    return T.quantize_q8_0(w), x
+
+
+Q8_SHAPES = [(1, 1, 32), (1, 5, 64), (1, 9, 96), (1, 37, 2560), (1, 131, 544), (2, 3, 512), (3, 11, 1056), (7, 6, 32)]
+
+
+def test_q8_quantize_bit_identical(isa):
+    rng = np.random.default_rng(60)
+    for m, _, k in Q8_SHAPES:
+        x = (rng.standard_normal((m, k)) * 10.0 ** rng.integers(-3, 4)).astype(np.float32)
+        x[0, :32] = 0.0  # an all-zero block: d = 0, q = 0
+        got = K.quantize_act_q8_0(x)
+        for g, e in zip(got, T.quantize_act_q8_0(x), strict=True):
+            assert g.dtype == e.dtype and g.shape == e.shape
+            np.testing.assert_array_equal(g, e)
+        assert got[1][0, 0] == 0 and not got[0][0, :32].any()
+
+
+def test_q8_matmul_bit_identical(isa, threads):
+    """The float result is bit-identical (fixed summation order), for n not a multiple of the row tile."""
+    rng = np.random.default_rng(61 + threads)
+    for m, n, k in Q8_SHAPES:
+        (q, d), x = q8_case(rng, m, n, k)
+        xq, xd = K.quantize_act_q8_0(x)
+        y = K.q8_matmul(q, d, xq, xd)
+        assert y.dtype == np.float32 and y.shape == (m, n)
+        np.testing.assert_array_equal(y.view(np.uint32), T.q8_matmul(q, d, xq, xd).view(np.uint32))
+
+
+def test_q8_block_dots_integer_exact(isa):
+    """With every scale 1 the output is the exact integer sum of the block dots (< 2^24): compares the
+    integer part of every kernel against numpy, extremes included (|q| = 127 everywhere)."""
+    rng = np.random.default_rng(62)
+    for m, n, k in Q8_SHAPES:
+        q = rng.integers(-127, 128, size=(n, k), dtype=np.int8)
+        lim = 128 if k <= 1024 else 4  # every partial sum below 2^24, where float32 is exact
+        xq = rng.integers(1 - lim, lim, size=(m, k), dtype=np.int8)
+        q[0] = 127
+        xq[0, : min(k // 2, 960)] = -127
+        ones_w = np.ones((n, k // 32), np.float16)
+        ones_x = np.ones((m, k // 32), np.float32)
+        exact = xq.astype(np.int64) @ q.T.astype(np.int64)
+        assert (np.abs(xq).astype(np.int64) @ np.abs(q).T.astype(np.int64)).max() < 2**24
+        np.testing.assert_array_equal(K.q8_matmul(q, ones_w, xq, ones_x), exact.astype(np.float32))
+        np.testing.assert_array_equal(T.q8_block_dots(q, xq).sum(axis=2), exact)
+
+
+def test_q8_reference_formula():
+    rng = np.random.default_rng(63)
+    (q, d), x = q8_case(rng, 3, 20, 256)
+    xq, xd = T.quantize_act_q8_0(x)
+    y = T.q8_matmul(q, d, xq, xd)
+    exact = (T.q8_block_dots(q, xq) * (d.astype(np.float64)[None] * xd.astype(np.float64)[:, None])).sum(axis=2)
+    np.testing.assert_allclose(y, exact, rtol=1e-5, atol=1e-6 * np.abs(exact).max())
+    # and close to the float head it replaces (outlier column included)
+    ref = x @ T.dequantize_q8_0(q, d).T
+    assert np.abs(y - ref).max() <= 0.02 * np.abs(ref).max()
+
+
+def test_q8_bad_inputs():
+    rng = np.random.default_rng(64)
+    (q, d), x = q8_case(rng, 2, 8, 64)
+    xq, xd = K.quantize_act_q8_0(x)
+    with pytest.raises(ShapeError):
+        K.quantize_act_q8_0(np.ones((2, 40), np.float32))  # k not a multiple of 32
+    for args in [
+        (q.view(np.uint8), d, xq, xd),
+        (q, d.astype(np.float32), xq, xd),
+        (q, d[:, :1], xq, xd),
+        (q, d, xq[:, :32], xd),
+        (q, d, xq, xd[:, :1]),
+        (q, d, xq, xd.astype(np.float64)),
+        (q[:, ::2], d, xq, xd),
+    ]:
+        with pytest.raises(ShapeError):
+            K.q8_matmul(*args)
+    with pytest.raises(ShapeError):
+        K.q8_matmul(q, d, xq, xd, out=np.empty((2, 7), np.float32))
+    if K._ext is not None:
+        with pytest.raises(ShapeError):  # the C layer checks k itself
+            K._ext.q8_matmul(q, d, 8, 48, xq, xd, 2, np.empty((2, 8), np.float32))
 
 
 # ---- threads -------------------------------------------------------------------------------------

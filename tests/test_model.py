@@ -50,7 +50,7 @@ def check_close(ours: np.ndarray, ref: np.ndarray, what: str) -> None:
 def test_logits_match_transformers(tmp_path: Path, arch: str, layout: str) -> None:
     path = write_checkpoint(tmp_path / "m", tiny_config(arch), layout, seed=7)
     tokens = list(np.random.default_rng(1).integers(0, 300, 96))
-    ours = ternlm.load(path).logits(tokens)
+    ours = ternlm.load(path, head="float").logits(tokens)
     assert ours.shape == (96, 300)
     check_close(ours, hf_logits(path, tokens), f"{arch}/{layout}")
 
@@ -59,7 +59,7 @@ def test_untied_bitnet_and_sharded_checkpoint(tmp_path: Path) -> None:
     path = write_checkpoint(tmp_path / "m", tiny_config("bitnet", tied=False), "packed_autobitlinear",
                             seed=3, shards=3)
     tokens = list(range(1, 60))
-    model = ternlm.load(path)
+    model = ternlm.load(path, head="float")
     assert model.weights.head is not model.weights.embed
     check_close(model.logits(tokens), hf_logits(path, tokens), "untied, 3 shards")
 
@@ -67,7 +67,7 @@ def test_untied_bitnet_and_sharded_checkpoint(tmp_path: Path) -> None:
 def test_incremental_decode_equals_full_forward(tmp_path: Path) -> None:
     """The KV cache path (one token at a time) reproduces the full-sequence logits."""
     path = write_checkpoint(tmp_path / "m", tiny_config("bitnet"), "packed_autobitlinear", seed=5)
-    model = ternlm.load(path)
+    model = ternlm.load(path, head="float")
     tokens = list(np.random.default_rng(2).integers(0, 300, 40))
     full = model.logits(tokens)
     steps = np.stack([model._step([t], i) for i, t in enumerate(tokens)])
@@ -81,7 +81,7 @@ def test_integer_accumulators_equal_torch(tmp_path: Path) -> None:
     from transformers.integrations.bitnet import unpack_weights
 
     path = write_checkpoint(tmp_path / "m", tiny_config("bitnet"), "packed_bitlinear", seed=9)
-    model = ternlm.load(path)
+    model = ternlm.load(path, head="float")
     packed = load_file(str(path / "model.safetensors"))["model.layers.1.mlp.down_proj.weight"]
     w = unpack_weights(packed, torch.float32)
     x = np.random.default_rng(0).standard_normal((5, w.shape[1])).astype(np.float32)
@@ -100,7 +100,7 @@ def test_1bitllm_naming_and_silu(tmp_path: Path) -> None:
     cfg = {**tiny_config("bitnet"), "hidden_act": "silu"}
     path = write_checkpoint(tmp_path / "m", cfg, "latent_bf16", seed=11)
     tokens = list(range(3, 70))
-    ours = ternlm.load(path).logits(tokens)
+    ours = ternlm.load(path, head="float").logits(tokens)
     check_close(ours, hf_logits(path, tokens), "bitnet/silu")
 
     renamed = {k.replace("self_attn.attn_sub_norm", "self_attn.inner_attn_ln")
@@ -111,4 +111,4 @@ def test_1bitllm_naming_and_silu(tmp_path: Path) -> None:
     raw.update(architectures=["BitnetForCausalLM"], model_type="llama")
     del raw["quantization_config"]
     (path / "config.json").write_text(json.dumps(raw))
-    np.testing.assert_array_equal(ternlm.load(path).logits(tokens), ours)
+    np.testing.assert_array_equal(ternlm.load(path, head="float").logits(tokens), ours)

@@ -222,3 +222,71 @@ def test_float_matmul_reference():
     np.testing.assert_allclose(T.float_matmul(wb, x), x @ T.bf16_to_f32(wb).T, rtol=1e-6)
     with pytest.raises(ShapeError):
         T.float_matmul(w.astype(np.float64), x)
+
+
+def test_ternary_matmul_per_row_scale():
+    rng = np.random.default_rng(4)
+    w = random_ternary(rng, 6, 300)
+    xq, a_scale, sums = T.quantize_activations(rng.standard_normal((2, 300)).astype(np.float32))
+    w_scale = rng.uniform(0.1, 1.0, 6).astype(np.float32)
+    y = T.ternary_matmul(T.pack(w), xq, a_scale, sums, w_scale)
+    acc = (xq[:, :300].astype(np.int64) @ w.T.astype(np.int64)).astype(np.float32)
+    for r in range(6):
+        np.testing.assert_array_equal(y[:, r], acc[:, r] * (w_scale[r] / a_scale))
+    with pytest.raises(ShapeError):
+        T.ternary_matmul(T.pack(w), xq, a_scale, sums, w_scale[:5])
+
+
+# ---- Q8_0 ----------------------------------------------------------------------------------------
+
+
+def test_q8_0_weights_round_trip():
+    rng = np.random.default_rng(5)
+    w = (rng.standard_normal((7, 96)) * 0.05).astype(np.float32)
+    w[1, 32:64] = 0.0
+    q, d = T.quantize_q8_0(w)
+    assert q.dtype == np.int8 and d.dtype == np.float16 and d.shape == (7, 3)
+    assert np.abs(q).max() == 127 and not q[1, 32:64].any() and d[1, 1] == 0
+    back = T.dequantize_q8_0(q, d)
+    step = np.repeat(d.astype(np.float32), 32, axis=1)
+    assert np.all(np.abs(back - w) <= 0.5 * step + 1e-3 * step)  # half a step, plus float16 rounding of d
+    with pytest.raises(ShapeError):
+        T.quantize_q8_0(np.ones((2, 40), np.float32))
+
+
+def test_quantize_act_q8_0_by_hand():
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((2, 64)).astype(np.float32)
+    x[0, 5] = 40.0  # an outlier only costs its own block precision
+    x[1, 32:] = 0.0
+    xq, xd = T.quantize_act_q8_0(x)
+    for i in range(2):
+        for b in range(2):
+            blk = x[i, 32 * b : 32 * b + 32]
+            amax = np.float32(np.abs(blk).max())
+            if amax == 0:
+                assert xd[i, b] == 0 and not xq[i, 32 * b : 32 * b + 32].any()
+                continue
+            assert xd[i, b] == amax / np.float32(127)
+            inv = np.float32(127) / amax
+            expected = [min(127, max(-127, round(float(v * inv)))) for v in blk]
+            np.testing.assert_array_equal(xq[i, 32 * b : 32 * b + 32], expected)
+
+
+def test_q8_matmul_order():
+    """The documented order: 16 lane sums by block index mod 16, then a halving tree."""
+    rng = np.random.default_rng(7)
+    n, k = 3, 32 * 37
+    q = rng.integers(-127, 128, size=(n, k), dtype=np.int8)
+    d = rng.uniform(0, 0.01, size=(n, k // 32)).astype(np.float16)
+    xq = rng.integers(-127, 128, size=(1, k), dtype=np.int8)
+    xd = rng.uniform(0, 0.1, size=(1, k // 32)).astype(np.float32)
+    y = T.q8_matmul(q, d, xq, xd)
+    for r in range(n):
+        lanes = [np.float32(0)] * 16
+        for b in range(k // 32):
+            isum = int(q[r, 32 * b : 32 * b + 32].astype(np.int64) @ xq[0, 32 * b : 32 * b + 32].astype(np.int64))
+            lanes[b % 16] = np.float32(lanes[b % 16] + np.float32(isum) * (np.float32(d[r, b]) * xd[0, b]))
+        for half in (8, 4, 2, 1):
+            lanes = [np.float32(lanes[i] + lanes[i + half]) for i in range(half)]
+        assert y[0, r] == lanes[0]

@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable, Iterator
 
 from ternlm import __version__, load
+from ternlm.api import HEAD_TYPES
 from ternlm.errors import TernlmError
 from ternlm.generate import GenerationEvent
 
@@ -25,6 +26,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="kernel threads (env TERNLM_THREADS; default: physical cores)")
     p.add_argument("-c", "--ctx", type=int, default=_env("ctx", None, int),
                    help="context length in tokens (env TERNLM_CTX; default: the model's maximum)")
+    p.add_argument("--head", choices=HEAD_TYPES, default=_env("head", "q8_0"),
+                   help="output head precision: q8_0, or float as stored (env TERNLM_HEAD; default q8_0)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -65,7 +68,7 @@ def _stream(events: Iterator[GenerationEvent]) -> tuple[GenerationEvent | None, 
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    model = load(args.model, threads=args.threads, n_ctx=args.ctx)
+    model = load(args.model, threads=args.threads, n_ctx=args.ctx, head=args.head)
     if args.chat:
         prompt: str | list[int] = model.chat_tokens([{"role": "user", "content": args.prompt}])
     else:
@@ -84,7 +87,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    model = load(args.model, threads=args.threads, n_ctx=args.ctx)
+    model = load(args.model, threads=args.threads, n_ctx=args.ctx, head=args.head)
     messages: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
     print(f"ternlm chat with {model.path.name} — /reset clears the conversation, /exit or Ctrl-D quits.",
           file=sys.stderr)
@@ -117,7 +120,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    model = load(args.model, threads=args.threads, n_ctx=args.ctx)
+    model = load(args.model, threads=args.threads, n_ctx=args.ctx, head=args.head)
     for key, value in model.info().items():
         print(f"{key:16} {value}")
     return 0

@@ -26,14 +26,22 @@ def quantize(x: np.ndarray) -> Quantized:
 class TernaryLinear:
     """A linear layer with weights in {-1, 0, +1} packed 2 bits each, times one per-tensor scale."""
 
-    def __init__(self, packed: np.ndarray, in_features: int, scale: float) -> None:
+    def __init__(self, packed: np.ndarray, in_features: int, scale: float | np.ndarray) -> None:
         if packed.dtype != np.uint8 or packed.ndim != 2 or packed.shape[1] != ternary.padded_k(in_features) // 4:
             raise ShapeError(f"packed weight of shape {packed.shape} {packed.dtype} does not hold "
                              f"{in_features} input features")
         self.packed = np.ascontiguousarray(packed)  # (out_features, k_pad // 4) uint8
         self.in_features = in_features
         self.out_features = packed.shape[0]
-        self.scale = float(scale)
+        # One float for the whole matrix, or (out_features,) float32 when layers were concatenated.
+        self.scale = np.ascontiguousarray(scale, np.float32) if isinstance(scale, np.ndarray) else float(scale)
+
+    @classmethod
+    def concat(cls, parts: list[TernaryLinear]) -> TernaryLinear:
+        """Stack layers that read the same input (q|k|v, gate|up) into one matrix: one kernel call,
+        each part keeping its own scale."""
+        scale = np.concatenate([np.broadcast_to(np.float32(p.scale), (p.out_features,)) for p in parts])
+        return cls(np.concatenate([p.packed for p in parts]), parts[0].in_features, scale)
 
     @classmethod
     def from_codes(cls, codes: np.ndarray, scale: float) -> TernaryLinear:
@@ -79,11 +87,56 @@ class FloatMatrix:
         # x (m, cols) float32 -> (m, rows) float32
         return kernels.float_matmul(self.weight, x)
 
+    @property
+    def nbytes(self) -> int:
+        return self.weight.nbytes
+
+
+class Q8Matrix:
+    """A float matrix stored as Q8_0 (int8 values, one float16 scale per 32 columns): the quantized head.
+
+    Activations are quantized per 32-column block too, so outlier dimensions of the hidden state do not
+    cost the other dimensions their precision.
+    """
+
+    dtype = "Q8_0"
+    CHUNK_ROWS = 8192  # quantize this many rows at a time, bounding the float32 temporary
+
+    def __init__(self, q: np.ndarray, d: np.ndarray) -> None:
+        if q.dtype != np.int8 or d.dtype != np.float16 or q.ndim != 2 or d.shape != (q.shape[0], q.shape[1] // 32):
+            raise ShapeError(f"Q8_0 matrix needs int8 (n, k) and float16 (n, k/32), got {q.shape} {q.dtype} "
+                             f"and {d.shape} {d.dtype}")
+        self.q = q  # (rows, cols) int8
+        self.d = d  # (rows, cols // 32) float16
+
+    @classmethod
+    def from_float(cls, m: FloatMatrix) -> Q8Matrix:
+        rows, cols = m.shape
+        q = np.empty((rows, cols), np.int8)
+        d = np.empty((rows, cols // 32), np.float16)
+        for r in range(0, rows, cls.CHUNK_ROWS):
+            q[r:r + cls.CHUNK_ROWS], d[r:r + cls.CHUNK_ROWS] = ternary.quantize_q8_0(
+                m.rows(np.arange(r, min(r + cls.CHUNK_ROWS, rows))))
+        return cls(q, d)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.q.shape
+
+    @property
+    def nbytes(self) -> int:
+        return self.q.nbytes + self.d.nbytes
+
+    def rows(self, ids: np.ndarray) -> np.ndarray:
+        return ternary.dequantize_q8_0(self.q[ids], self.d[ids])
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return kernels.q8_matmul(self.q, self.d, *kernels.quantize_act_q8_0(x))
+
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
-    """RMSNorm over the last axis, in float32 like the reference implementation."""
-    var = np.mean(np.square(x), axis=-1, keepdims=True, dtype=np.float32)
-    return weight * (x * (np.float32(1.0) / np.sqrt(var + np.float32(eps))))
+    """RMSNorm of x (t, dim) float32 over its last axis."""
+    return kernels.rmsnorm(x, weight, eps)
 
 
 class Rope:
@@ -101,7 +154,4 @@ class Rope:
     def __call__(self, x: np.ndarray, start: int) -> np.ndarray:
         # x (n_heads, t, head_dim) at positions start..start+t-1
         t = x.shape[1]
-        cos, sin = self.cos[start:start + t], self.sin[start:start + t]  # (t, head_dim/2)
-        half = x.shape[-1] // 2
-        x1, x2 = x[..., :half], x[..., half:]
-        return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+        return ternary.rope(x, self.cos[start:start + t], self.sin[start:start + t])

@@ -6,9 +6,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ternlm import kernels
 from ternlm.config import ModelConfig
 from ternlm.kvcache import KVCache
-from ternlm.layers import FloatMatrix, Rope, TernaryLinear, quantize, rms_norm
+from ternlm.layers import FloatMatrix, Q8Matrix, Rope, TernaryLinear, quantize, rms_norm
 
 
 @dataclass
@@ -17,24 +18,30 @@ class LayerWeights:
     ffn_norm: np.ndarray  # (dim,)
     attn_sub_norm: np.ndarray | None  # (q_dim,): BitNet only, before o_proj
     ffn_sub_norm: np.ndarray | None  # (ffn_dim,): BitNet only, before down_proj
-    q: TernaryLinear
-    k: TernaryLinear
-    v: TernaryLinear
+    qkv: TernaryLinear  # q, k, v projections stacked: (q_dim + 2 kv_dim, dim)
     o: TernaryLinear
-    gate: TernaryLinear
-    up: TernaryLinear
+    gate_up: TernaryLinear  # gate and up stacked: (2 ffn_dim, dim)
     down: TernaryLinear
 
     def linears(self) -> list[TernaryLinear]:
-        return [self.q, self.k, self.v, self.o, self.gate, self.up, self.down]
+        return [self.qkv, self.o, self.gate_up, self.down]
 
 
 @dataclass
 class ModelWeights:
-    embed: FloatMatrix  # (vocab, dim)
+    embed: FloatMatrix | Q8Matrix  # (vocab, dim)
     norm: np.ndarray  # (dim,)
-    head: FloatMatrix  # (vocab, dim): the embedding itself when tied
+    head: FloatMatrix | Q8Matrix  # (vocab, dim): the embedding itself when tied
     layers: list[LayerWeights]
+
+    def quantize_head(self) -> None:
+        """Store the output head as Q8_0 (and the embedding with it when they are tied)."""
+        if isinstance(self.head, Q8Matrix) or self.head.shape[1] % 32:
+            return
+        tied = self.head is self.embed
+        self.head = Q8Matrix.from_float(self.head)
+        if tied:
+            self.embed = self.head
 
 
 class Transformer:
@@ -62,11 +69,24 @@ class Transformer:
 
     def attention(self, x: np.ndarray, w: LayerWeights, i: int, cache: KVCache, start: int) -> np.ndarray:
         c = self.config
-        t = x.shape[0]
-        xq = quantize(x)  # q, k and v read one quantization of x
-        q = self.rope(w.q(xq).reshape(t, c.n_heads, c.head_dim).transpose(1, 0, 2), start)
-        k = self.rope(w.k(xq).reshape(t, c.n_kv_heads, c.head_dim).transpose(1, 0, 2), start)
-        v = w.v(xq).reshape(t, c.n_kv_heads, c.head_dim).transpose(1, 0, 2)
+        qkv = w.qkv(quantize(x))  # (t, q_dim + 2 kv_dim)
+        if len(qkv) == 1:  # decode: RoPE, the cache write and attention in one C call
+            out = kernels.attention_decode(qkv[0], cache.k[i], cache.v[i], start, self.rope.cos[start],
+                                           self.rope.sin[start], c.n_heads, self.scale, cache.scores)[None]
+        else:
+            out = self.attention_prefill(qkv, i, cache, start)
+        if w.attn_sub_norm is not None:
+            out = rms_norm(out, w.attn_sub_norm, c.norm_eps)
+        return w.o(quantize(out))
+
+    def attention_prefill(self, qkv: np.ndarray, i: int, cache: KVCache, start: int) -> np.ndarray:
+        """Causal attention of t tokens at positions start.. with numpy matmuls; returns (t, q_dim)."""
+        c = self.config
+        t = len(qkv)
+        q, k, v = np.split(qkv, [c.q_dim, c.q_dim + c.kv_dim], axis=1)
+        q = self.rope(q.reshape(t, c.n_heads, c.head_dim).transpose(1, 0, 2), start)
+        k = self.rope(k.reshape(t, c.n_kv_heads, c.head_dim).transpose(1, 0, 2), start)
+        v = v.reshape(t, c.n_kv_heads, c.head_dim).transpose(1, 0, 2)
         keys, values = cache.store(i, start, k, v)  # (kv_heads, s, head_dim), s = start + t
 
         # Grouped-query attention: the query heads sharing a KV head are stacked along the token axis.
@@ -74,23 +94,14 @@ class Transformer:
         s = keys.shape[1]
         scores = (q.reshape(c.n_kv_heads, group * t, c.head_dim) @ keys.transpose(0, 2, 1)) * self.scale
         scores = scores.reshape(c.n_kv_heads, group, t, s)
-        if t > 1:  # causal mask: position start+j sees keys 0..start+j
-            scores = np.where(np.arange(s) <= start + np.arange(t)[:, None], scores, -np.inf)
+        # causal mask: position start+j sees keys 0..start+j
+        scores = np.where(np.arange(s) <= start + np.arange(t)[:, None], scores, -np.inf)
         scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
         probs = (scores / scores.sum(axis=-1, keepdims=True)).reshape(c.n_kv_heads, group * t, s)
-        out = (probs @ values).reshape(c.n_heads, t, c.head_dim).transpose(1, 0, 2).reshape(t, c.q_dim)
-        if w.attn_sub_norm is not None:
-            out = rms_norm(out, w.attn_sub_norm, c.norm_eps)
-        return w.o(quantize(out))
+        return (probs @ values).reshape(c.n_heads, t, c.head_dim).transpose(1, 0, 2).reshape(t, c.q_dim)
 
     def mlp(self, x: np.ndarray, w: LayerWeights) -> np.ndarray:
-        xq = quantize(x)  # gate and up read one quantization of x
-        gate, up = w.gate(xq), w.up(xq)
-        if self.config.hidden_act == "relu2":
-            z = np.square(np.maximum(gate, 0.0)) * up
-        else:  # silu
-            with np.errstate(over="ignore"):  # exp(-gate) may overflow to inf: silu is then -0, as it should be
-                z = gate / (np.float32(1.0) + np.exp(-gate)) * up
+        z = kernels.glu(w.gate_up(quantize(x)), self.config.hidden_act)  # (t, ffn_dim)
         if w.ffn_sub_norm is not None:
             z = rms_norm(z, w.ffn_sub_norm, self.config.norm_eps)
         return w.down(quantize(z))

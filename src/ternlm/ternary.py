@@ -142,13 +142,22 @@ def ternary_matmul_i32(packed: np.ndarray, xq: np.ndarray, sums: np.ndarray) -> 
 
 
 def ternary_matmul(
-    packed: np.ndarray, xq: np.ndarray, a_scale: np.ndarray, sums: np.ndarray, w_scale: float
+    packed: np.ndarray, xq: np.ndarray, a_scale: np.ndarray, sums: np.ndarray, w_scale: float | np.ndarray
 ) -> np.ndarray:
-    """y float32 (m, n) = float32(acc) * (w_scale / a_scale[i]), the ratio computed once per row in float32."""
+    """y float32 (m, n) = float32(acc) * (w_scale / a_scale[i]), the ratio computed in float32.
+
+    ``w_scale`` is one float for the whole matrix, or a float32 array (n,) of one scale per output row
+    (fused q|k|v or gate|up: each sub-matrix keeps its own scale); then y[i, r] uses w_scale[r] / a_scale[i].
+    """
     acc = ternary_matmul_i32(packed, xq, sums)
     if a_scale.shape != (xq.shape[0],):
         raise ShapeError(f"a_scale: expected shape ({xq.shape[0]},), got {a_scale.shape}")
-    ratio = np.float32(w_scale) / a_scale.astype(np.float32)
+    a = a_scale.astype(np.float32)
+    if isinstance(w_scale, np.ndarray):
+        if w_scale.shape != (packed.shape[0],) or w_scale.dtype != np.float32:
+            raise ShapeError(f"w_scale: expected float32 ({packed.shape[0]},), got {w_scale.dtype} {w_scale.shape}")
+        return acc.astype(np.float32) * (w_scale[None, :] / a[:, None])
+    ratio = np.float32(w_scale) / a
     return acc.astype(np.float32) * ratio[:, None]
 
 
@@ -180,3 +189,143 @@ def float_matmul(w: np.ndarray, x: np.ndarray) -> np.ndarray:
     else:
         raise ShapeError(f"w: expected float32, float16 or uint16 (bfloat16 bits), got {w.dtype}")
     return x @ w32.T
+
+
+# ---- Q8_0 (the quantized LM head) ----------------------------------------------------------------
+# Weights: int8 q (n, k) with one float16 scale per 32-column block, d (n, k // 32), w ≈ q * d.
+# Activations: the same blocks with float32 scales (hidden states have outlier dimensions, so one
+# scale per token would crush the other 31 values of a block's neighbours).
+
+QBLOCK = 32
+
+
+def _check_qblock(a: np.ndarray, name: str, dtype: np.dtype | type) -> tuple[int, int]:
+    _check_2d(a, name, dtype)
+    if a.shape[1] % QBLOCK != 0:
+        raise ShapeError(f"{name}: k = {a.shape[1]} is not a multiple of {QBLOCK}")
+    return a.shape
+
+
+def quantize_q8_0(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q8_0 weights: w float32 (n, k) -> (q int8 (n, k), d float16 (n, k // 32)).
+
+    ``d = float16(max|w_block| / 127)``; q = clamp(rint(w / d), -127, 127) with the stored (rounded) d,
+    so q * d is the closest the format can get; a block whose d rounds to 0 gets q = 0.
+    """
+    n, k = _check_qblock(np.asarray(w, dtype=np.float32), "w", np.float32)
+    blocks = np.asarray(w, dtype=np.float32).reshape(n, k // QBLOCK, QBLOCK)
+    d = (np.abs(blocks).max(axis=2) / np.float32(127)).astype(np.float16)
+    d32 = d.astype(np.float32)[:, :, None]
+    q = np.divide(blocks, d32, out=np.zeros_like(blocks), where=d32 > 0)
+    return np.clip(np.rint(q), -127, 127).astype(np.int8).reshape(n, k), d
+
+
+def dequantize_q8_0(q: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """float32 (n, k) = q * d, each scale applied to its 32-column block."""
+    n, k = _check_qblock(q, "q", np.int8)
+    if d.shape != (n, k // QBLOCK):
+        raise ShapeError(f"d: expected shape ({n}, {k // QBLOCK}), got {d.shape}")
+    return (q.reshape(n, -1, QBLOCK).astype(np.float32) * d.astype(np.float32)[:, :, None]).reshape(n, k)
+
+
+def quantize_act_q8_0(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q8_0 activations: x float32 (m, k) -> (xq int8 (m, k), xd float32 (m, k // 32)).
+
+    Per block, float32: ``amax = max|x|``; ``d = amax / 127``, ``xq = clamp(rint(x * (127 / amax)), -127, 127)``
+    (round half to even); a block with amax < 1e-30 gets d = 0, xq = 0.
+    """
+    m, k = _check_qblock(x, "x", np.float32)
+    blocks = x.reshape(m, k // QBLOCK, QBLOCK)
+    amax = np.abs(blocks).max(axis=2)
+    ok = amax >= np.float32(1e-30)
+    safe = np.where(ok, amax, np.float32(1))
+    d = np.where(ok, safe / np.float32(127), np.float32(0)).astype(np.float32)
+    inv = np.where(ok, np.float32(127) / safe, np.float32(0)).astype(np.float32)
+    xq = np.clip(np.rint(blocks * inv[:, :, None]), -127, 127).astype(np.int8)
+    return xq.reshape(m, k), d
+
+
+def q8_block_dots(q: np.ndarray, xq: np.ndarray) -> np.ndarray:
+    """Exact int32 (m, n, k // 32): ``isum[i, r, b] = sum_{j in block b} q[r, j] * xq[i, j]``."""
+    n, k = _check_qblock(q, "q", np.int8)
+    m, kx = _check_qblock(xq, "xq", np.int8)
+    if kx != k:
+        raise ShapeError(f"q {q.shape} and xq {xq.shape} disagree on k")
+    qb = q.reshape(n, k // QBLOCK, QBLOCK).astype(np.float32)
+    xb = xq.reshape(m, k // QBLOCK, QBLOCK).astype(np.float32)
+    # |block dot| <= 32 * 127 * 127 < 2^24: float32 BLAS is exact here
+    return np.einsum("mbj,nbj->mnb", xb, qb, optimize=True).astype(np.int32)
+
+
+def q8_matmul(q: np.ndarray, d: np.ndarray, xq: np.ndarray, xd: np.ndarray) -> np.ndarray:
+    """y float32 (m, n) = sum_b float(isum[i, r, b]) * (float(d[r, b]) * xd[i, b]), in a fixed order.
+
+    The order every C kernel reproduces bit for bit: 16 lane sums, lane l += p_b for b = l, l + 16, ...
+    (starting from +0), then lanes l + 8 -> l, l + 4 -> l, l + 2 -> l, and lane 0 + lane 1.
+    """
+    n, k = _check_qblock(q, "q", np.int8)
+    m = xq.shape[0]
+    nb = k // QBLOCK
+    if d.shape != (n, nb) or d.dtype != np.float16:
+        raise ShapeError(f"d: expected float16 ({n}, {nb}), got {d.dtype} {d.shape}")
+    if xd.shape != (m, nb) or xd.dtype != np.float32:
+        raise ShapeError(f"xd: expected float32 ({m}, {nb}), got {getattr(xd, 'dtype', '?')} {xd.shape}")
+    isum = q8_block_dots(q, xq).astype(np.float32)
+    p = isum * (d.astype(np.float32)[None, :, :] * xd[:, None, :])
+    groups = -(-nb // 16)
+    lanes = np.zeros((m, n, groups * 16), np.float32)
+    lanes[:, :, :nb] = p
+    lanes = lanes.reshape(m, n, groups, 16)
+    acc = np.zeros((m, n, 16), np.float32)
+    for g in range(groups):
+        acc += lanes[:, :, g]
+    half = 8
+    while half >= 1:
+        acc = acc[:, :, :half] + acc[:, :, half : 2 * half]
+        half //= 2
+    return acc[:, :, 0]
+
+
+# ---- float ops of a transformer block: the references of kernels/ops.c ---------------------------
+
+ACTIVATIONS = {"relu2": 0, "silu": 1}
+
+
+def rmsnorm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    """RMSNorm over the last axis in float32: w * (x * (1 / sqrt(mean(x²) + eps)))."""
+    var = np.mean(np.square(x), axis=-1, keepdims=True, dtype=np.float32)
+    return w * (x * (np.float32(1.0) / np.sqrt(var + np.float32(eps))))
+
+
+def glu(gu: np.ndarray, act: str) -> np.ndarray:
+    """Gated FFN activation: gu (m, 2f) = [gate | up] -> act(gate) * up (m, f); act is relu2 or silu."""
+    gate, up = np.split(gu, 2, axis=-1)
+    if act == "relu2":
+        return np.square(np.maximum(gate, np.float32(0.0))) * up
+    with np.errstate(over="ignore"):  # exp(-gate) may overflow to inf: silu is then -0, as it should be
+        return gate / (np.float32(1.0) + np.exp(-gate)) * up
+
+
+def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """Rotate-half RoPE of x (..., t, hd) with cos, sin (t, hd/2)."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def attention_decode(qkv: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, pos: int, cos: np.ndarray,
+                     sin: np.ndarray, n_heads: int, scale: float) -> np.ndarray:
+    """Attention of one token at `pos`: RoPE, cache write, then grouped-query softmax attention.
+
+    qkv (n_heads*hd + 2*n_kv*hd,); caches (n_kv, max_len, hd), written at pos; cos, sin (hd/2,).
+    Returns (n_heads*hd,).
+    """
+    n_kv, _, hd = k_cache.shape
+    q, k, v = np.split(qkv, [n_heads * hd, (n_heads + n_kv) * hd])
+    k_cache[:, pos] = rope(k.reshape(n_kv, hd), cos, sin)
+    v_cache[:, pos] = v.reshape(n_kv, hd)
+    q = rope(q.reshape(n_kv, n_heads // n_kv, hd), cos, sin)  # query heads grouped by their KV head
+    scores = (q @ k_cache[:, :pos + 1].transpose(0, 2, 1)) * np.float32(scale)  # (n_kv, group, pos+1)
+    probs = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    probs /= probs.sum(axis=-1, keepdims=True)
+    return (probs @ v_cache[:, :pos + 1]).reshape(-1)

@@ -98,8 +98,8 @@ def load_hf(path: Path) -> tuple[ModelConfig, ModelWeights]:
     layers = []
     for i in range(c.n_layers):
         p = f"model.layers.{i}."
-        linears = {key: ternary_linear(tensors, p + LINEARS[key], shapes[key], c.scale_mode, path)
-                   for key in LINEARS}
+        lin = {key: ternary_linear(tensors, p + LINEARS[key], shapes[key], c.scale_mode, path)
+               for key in LINEARS}
         sub = {}
         for key, names in SUB_NORMS.items():
             found = first_present(tuple(p + n + ".weight" for n in names))
@@ -108,7 +108,8 @@ def load_hf(path: Path) -> tuple[ModelConfig, ModelWeights]:
         layers.append(LayerWeights(
             attn_norm=vector(p + "input_layernorm.weight", c.dim),
             ffn_norm=vector(p + "post_attention_layernorm.weight", c.dim),
-            **sub, **linears,
+            qkv=TernaryLinear.concat([lin["q"], lin["k"], lin["v"]]), o=lin["o"],
+            gate_up=TernaryLinear.concat([lin["gate"], lin["up"]]), down=lin["down"], **sub,
         ))
     embed = float_matrix(get("model.embed_tokens.weight", (c.vocab_size, c.dim)))
     if "lm_head.weight" in tensors and not c.tie_embeddings:
@@ -140,6 +141,7 @@ def ternary_linear(tensors: dict[str, Tensor], name: str, shape: tuple[int, int]
         if not np.isfinite(stored) or stored <= 0:
             raise FormatError(f"{scale_t.file}: {scale_t.name!r} is {stored}, must be a positive number")
         codes = unpack_hf(t.data, out_f)
+        t.release()
         try:
             return TernaryLinear.from_codes(codes, stored if scale_mode == "multiply" else 1.0 / stored)
         except ShapeError as e:
@@ -147,7 +149,9 @@ def ternary_linear(tensors: dict[str, Tensor], name: str, shape: tuple[int, int]
     if t.dtype in ("F32", "F16", "BF16"):
         if t.shape != shape:
             raise FormatError(f"{t.file}: tensor {t.name!r} has shape {list(t.shape)}, expected {list(shape)}")
-        return TernaryLinear.from_float(as_f32(t))
+        weights = as_f32(t)
+        t.release()
+        return TernaryLinear.from_float(weights)
     raise FormatError(f"{t.file}: tensor {t.name!r} has dtype {t.dtype}; expected U8 (packed) or a float type")
 
 

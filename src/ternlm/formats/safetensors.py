@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,10 +35,25 @@ class Tensor:
     dtype: str  # the safetensors name: "BF16", "F32", "U8", ...
     data: np.ndarray
     file: Path
+    offset: int = 0  # of the data in the file
 
     @property
     def shape(self) -> tuple[int, ...]:
         return tuple(self.data.shape)
+
+    def release(self) -> None:
+        """Drop this tensor's pages from the process once it has been converted into another array.
+
+        The mapping stays alive while any tensor of the file is in use (an F16 embedding, say), and
+        pages read during conversion would otherwise count as resident memory a second time.
+        """
+        mm = getattr(self.data, "_mmap", None)
+        if mm is None or not hasattr(mm, "madvise"):
+            return
+        start = -(-self.offset // mmap.PAGESIZE) * mmap.PAGESIZE
+        end = (self.offset + self.data.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+        if end > start:
+            mm.madvise(mmap.MADV_DONTNEED, start, end - start)
 
 
 def read_safetensors(path: Path) -> dict[str, Tensor]:
@@ -95,4 +111,4 @@ def _tensor(path: Path, name: str, info: object, mapped: np.ndarray, start: int,
     if end - begin != nbytes:
         raise FormatError(f"{where}: {end - begin} bytes of data for shape {shape} of {dtype} ({nbytes} bytes)")
     raw = mapped[start + begin:start + end]
-    return Tensor(name, dtype, raw.view(np_dtype).reshape(shape), path)
+    return Tensor(name, dtype, raw.view(np_dtype).reshape(shape), path, start + begin)

@@ -30,11 +30,16 @@ else:
 
 __all__ = [
     "active_isa",
+    "attention_decode",
     "available_isas",
     "default_threads",
     "float_matmul",
     "get_threads",
+    "glu",
+    "q8_matmul",
+    "quantize_act_q8_0",
     "quantize_activations",
+    "rmsnorm",
     "set_isa",
     "set_threads",
     "ternary_matmul",
@@ -97,11 +102,19 @@ def ternary_matmul(
     xq: np.ndarray,
     a_scale: np.ndarray,
     sums: np.ndarray,
-    w_scale: float,
+    w_scale: float | np.ndarray,
     out: np.ndarray | None = None,
 ) -> np.ndarray:
-    """y float32 (m, n) = (xq (m, k_pad) · unpack(packed (n, k_pad/4))ᵀ) * (w_scale / a_scale[i])."""
+    """y float32 (m, n) = (xq (m, k_pad) · unpack(packed (n, k_pad/4))ᵀ) * (w_scale / a_scale[i]).
+
+    ``w_scale`` is a float, or a float32 array (n,) of one scale per output row (fused projections).
+    """
     n, m, k_pad = _matmul_sizes(packed, xq)
+    if isinstance(w_scale, np.ndarray):
+        if w_scale.shape != (n,) or w_scale.dtype != _F32:
+            raise ShapeError(f"w_scale: expected float32 ({n},), got {w_scale.dtype} {w_scale.shape}")
+    else:
+        w_scale = float(w_scale)
     if out is None:
         out = np.empty((m, n), _F32)
     else:
@@ -127,6 +140,88 @@ def ternary_matmul_i32(
     else:
         # a_scale is unused for the raw accumulator; sums doubles as a buffer of the right length
         _ext.ternary_matmul(packed, n, k_pad, xq, sums, np.ones(m, _F32), 1.0, m, None, out)
+    return out
+
+
+def quantize_act_q8_0(x: np.ndarray, out: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Q8_0 activations of x float32 (m, k), k a multiple of 32: (xq int8 (m, k), xd float32 (m, k // 32))."""
+    m, k = _shape2(x, "x")
+    if k % _ref.QBLOCK != 0:
+        raise ShapeError(f"x: k = {k} is not a multiple of {_ref.QBLOCK}")
+    if _ext is None:
+        xq, xd = _ref.quantize_act_q8_0(x)
+        if out is None:
+            return xq, xd
+        out[0][...], out[1][...] = xq, xd
+        return out
+    if out is None:
+        out = (np.empty((m, k), np.int8), np.empty((m, k // _ref.QBLOCK), _F32))
+    _ext.quantize_q8_0(x, out[0], out[1], m, k)
+    return out
+
+
+def q8_matmul(
+    q: np.ndarray, d: np.ndarray, xq: np.ndarray, xd: np.ndarray, out: np.ndarray | None = None
+) -> np.ndarray:
+    """y float32 (m, n) from Q8_0 weights q int8 (n, k), d float16 (n, k // 32) and Q8_0 activations.
+
+    Bit-identical to ``ternlm.ternary.q8_matmul`` on every ISA (a fixed float summation order).
+    """
+    n, k = _shape2(q, "q")
+    m, kx = _shape2(xq, "xq")
+    if kx != k:
+        raise ShapeError(f"q {q.shape} and xq {xq.shape} disagree on k")
+    if out is None:
+        out = np.empty((m, n), _F32)
+    else:
+        _check_out(out, (m, n), _F32)
+    if _ext is None:
+        out[...] = _ref.q8_matmul(q, d, xq, xd)
+    else:
+        _ext.q8_matmul(q, d, n, k, xq, xd, m, out)
+    return out
+
+
+def rmsnorm(x: np.ndarray, w: np.ndarray, eps: float, out: np.ndarray | None = None) -> np.ndarray:
+    """RMSNorm of x float32 (m, k) with weight w (k,)."""
+    m, k = _shape2(x, "x")
+    if out is None:
+        out = np.empty((m, k), _F32)
+    if _ext is None:
+        out[...] = _ref.rmsnorm(x, w, eps)
+    else:
+        _ext.rmsnorm(x, w, eps, m, k, out)
+    return out
+
+
+def glu(gu: np.ndarray, act: str) -> np.ndarray:
+    """act(gate) * up (m, f) from gu float32 (m, 2f) = [gate | up]; act is "relu2" or "silu"."""
+    m, f2 = _shape2(gu, "gu")
+    if f2 % 2 or act not in _ref.ACTIVATIONS:
+        raise ShapeError(f"glu: need an even width and an activation in {list(_ref.ACTIVATIONS)}, "
+                         f"got {gu.shape} and {act!r}")
+    if _ext is None:
+        return _ref.glu(gu, act)
+    out = np.empty((m, f2 // 2), _F32)
+    _ext.glu(gu, m, f2 // 2, _ref.ACTIVATIONS[act], out)
+    return out
+
+
+def attention_decode(qkv: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, pos: int, cos: np.ndarray,
+                     sin: np.ndarray, n_heads: int, scale: float, scores: np.ndarray) -> np.ndarray:
+    """One token's attention at `pos` (see ``ternlm.ternary.attention_decode``); writes k, v into the caches.
+
+    qkv (n_heads*hd + 2*n_kv*hd,) float32; k_cache, v_cache (n_kv, max_len, hd); cos, sin (hd/2,);
+    scores (max_len,) scratch. Returns (n_heads*hd,) float32.
+    """
+    if k_cache.ndim != 3 or v_cache.shape != k_cache.shape:
+        raise ShapeError(f"attention_decode: caches must both be (n_kv, max_len, hd), got {k_cache.shape} "
+                         f"and {v_cache.shape}")
+    n_kv, max_len, hd = k_cache.shape
+    if _ext is None:
+        return _ref.attention_decode(qkv, k_cache, v_cache, pos, cos, sin, n_heads, scale)
+    out = np.empty(n_heads * hd, _F32)
+    _ext.attention_decode(qkv, k_cache, v_cache, max_len, pos, cos, sin, n_heads, n_kv, hd, scale, scores, out)
     return out
 
 

@@ -11,10 +11,10 @@
 /* ==== 1. C API ================================================================================== */
 
 static const tl_isa ISAS[] = {
-    {"scalar", tl_ref_quantize, tl_ref_ternary, tl_ref_float},
+    {"scalar", tl_ref_quantize, tl_ref_ternary, tl_ref_float, tl_ref_q8_quantize, tl_ref_q8},
 #if defined(__x86_64__)
-    {"avx2", tl_avx2_quantize, tl_avx2_ternary, tl_avx2_float},
-    {"avx512vnni", tl_avx512_quantize, tl_avx512_ternary, tl_avx512_float},
+    {"avx2", tl_avx2_quantize, tl_avx2_ternary, tl_avx2_float, tl_avx2_q8_quantize, tl_avx2_q8},
+    {"avx512vnni", tl_avx512_quantize, tl_avx512_ternary, tl_avx512_float, tl_avx512_q8_quantize, tl_avx512_q8},
 #endif
 };
 #define N_ISAS ((int)(sizeof(ISAS) / sizeof(ISAS[0])))
@@ -79,6 +79,7 @@ const char *tl_strerror(int status) {
     case TL_EDTYPE: return "unknown float weight dtype";
     case TL_ETHREADS: return "thread count out of range";
     case TL_EISA: return "unknown ISA, or not supported by this CPU";
+    case TL_EQBLOCK: return "k is not a multiple of the Q8_0 block (32)";
     default: return "unknown error";
     }
 }
@@ -102,15 +103,15 @@ typedef struct {
     int64_t n, k_pad, m;
     const int8_t *xq;
     const int32_t *sums;
-    const float *a_scale;
-    float w_scale;
+    const float *a_scale, *w_scale;
+    int64_t ws_stride;
     float *y;
     int32_t *acc;
 } ternary_job;
 
 static void ternary_range(void *p, int64_t r0, int64_t r1) {
     const ternary_job *j = p;
-    j->fn(j->w, j->k_pad, r0, r1, j->xq, j->sums, j->a_scale, j->w_scale, j->m, j->n, j->y, j->acc);
+    j->fn(j->w, j->k_pad, r0, r1, j->xq, j->sums, j->a_scale, j->w_scale, j->ws_stride, j->m, j->n, j->y, j->acc);
 }
 
 /* Rows per thread part: a multiple of the row tile, and enough work (~64 KB of weights) that the
@@ -122,13 +123,17 @@ static int64_t row_grain(int64_t row_bytes, int64_t m) {
 }
 
 int tl_ternary_matmul(const uint8_t *w, int64_t n, int64_t k_pad, const int8_t *xq, const int32_t *sums,
-                      const float *a_scale, float w_scale, int64_t m, float *y, int32_t *acc_out) {
-    if (!w || !xq || !sums || !a_scale || (!y && !acc_out)) return TL_ENULL;
+                      const float *a_scale, const float *w_scale, int64_t ws_stride, int64_t m, float *y,
+                      int32_t *acc_out) {
+    static const float unit = 1.0f;
+    if (!y) w_scale = &unit, ws_stride = 0; /* unused for the raw accumulator */
+    if (!w || !xq || !sums || !a_scale || !w_scale || (!y && !acc_out)) return TL_ENULL;
     if (n <= 0 || m <= 0 || k_pad <= 0) return TL_ESIZE;
+    if (ws_stride != 0 && ws_stride != 1) return TL_ERANGE;
     if (k_pad % TL_BLOCK != 0) return TL_EPAD;
     if (k_pad > TL_MAX_K || !product_ok(n, k_pad) || !product_ok(m, k_pad) || !product_ok(m, n))
         return TL_ERANGE;
-    ternary_job job = {isa()->ternary, w, n, k_pad, m, xq, sums, a_scale, w_scale, y, y ? NULL : acc_out};
+    ternary_job job = {isa()->ternary, w, n, k_pad, m, xq, sums, a_scale, w_scale, ws_stride, y, y ? NULL : acc_out};
     return tl_parallel_for(n, row_grain(k_pad / 4, m), ternary_range, &job);
 }
 
@@ -154,6 +159,76 @@ int tl_float_matmul(const void *w, int dtype, int64_t n, int64_t k, const float 
     float_job job = {isa()->floatmm, w, dtype, n, k, m, x, y};
     const int64_t esize = dtype == TL_F32 ? 4 : 2;
     return tl_parallel_for(n, row_grain(k * esize, m), float_range, &job);
+}
+
+int tl_quantize_q8_0(const float *x, int64_t m, int64_t k, int8_t *xq, float *xd) {
+    if (!x || !xq || !xd) return TL_ENULL;
+    if (m <= 0 || k <= 0) return TL_ESIZE;
+    if (k % TL_QBLOCK != 0) return TL_EQBLOCK;
+    if (!product_ok(m, k)) return TL_ERANGE;
+    isa()->q8_quantize(x, m, k, xq, xd);
+    return TL_OK;
+}
+
+typedef struct {
+    tl_q8_fn fn;
+    const int8_t *w;
+    const uint16_t *wd;
+    int64_t n, k, m;
+    const int8_t *xq;
+    const float *xd;
+    float *y;
+} q8_job;
+
+static void q8_range(void *p, int64_t r0, int64_t r1) {
+    const q8_job *j = p;
+    j->fn(j->w, j->wd, j->k, r0, r1, j->xq, j->xd, j->m, j->n, j->y);
+}
+
+int tl_q8_matmul(const int8_t *w, const uint16_t *wd, int64_t n, int64_t k, const int8_t *xq, const float *xd,
+                 int64_t m, float *y) {
+    if (!w || !wd || !xq || !xd || !y) return TL_ENULL;
+    if (n <= 0 || k <= 0 || m <= 0) return TL_ESIZE;
+    if (k % TL_QBLOCK != 0) return TL_EQBLOCK;
+    if (!product_ok(n, k) || !product_ok(m, k) || !product_ok(m, n)) return TL_ERANGE;
+    q8_job job = {isa()->q8, w, wd, n, k, m, xq, xd, y};
+    return tl_parallel_for(n, row_grain(k + k / TL_QBLOCK * 2, m), q8_range, &job);
+}
+
+/* ---- a read-bandwidth probe (benchmarks): one pass over a buffer, split like a matmul's rows ---- */
+
+typedef struct {
+    const uint8_t *buf;
+    _Atomic uint64_t sum;
+} read_job;
+
+#define READ_RANGE(NAME, BYTES)                                                                          \
+    static void NAME(void *p, int64_t b, int64_t e) { /* items are 4 KiB pages */                        \
+        read_job *j = p;                                                                                 \
+        typedef uint64_t vec __attribute__((vector_size(BYTES), aligned(1)));                            \
+        vec acc[4] = {{0}, {0}, {0}, {0}};                                                               \
+        const vec *q = (const vec *)(j->buf + b * 4096), *end = (const vec *)(j->buf + e * 4096);        \
+        for (; q < end; q += 4)                                                                          \
+            for (int u = 0; u < 4; u++) acc[u] ^= q[u];                                                  \
+        vec a = acc[0] ^ acc[1] ^ acc[2] ^ acc[3];                                                       \
+        uint64_t x = 0;                                                                                  \
+        for (int u = 0; u < (BYTES) / 8; u++) x ^= a[u];                                                 \
+        atomic_fetch_xor(&j->sum, x);                                                                    \
+    }
+READ_RANGE(read_range, 16)
+#if defined(__x86_64__)
+__attribute__((target("avx512f"))) READ_RANGE(read_range512, 64)
+#endif
+
+/* The xor of all 8-byte words of buf (n_pages * 4096 bytes), read by the kernel threads. */
+static uint64_t tl_read_probe(const uint8_t *buf, int64_t n_pages) {
+    read_job job = {buf, 0};
+    tl_range_fn fn = read_range;
+#if defined(__x86_64__)
+    if (__builtin_cpu_supports("avx512f")) fn = read_range512;
+#endif
+    tl_parallel_for(n_pages, 64, fn, &job);
+    return atomic_load(&job.sum);
 }
 
 /* ==== 2. Python binding ========================================================================= */
@@ -291,15 +366,18 @@ static PyObject *py_ternary_matmul(PyObject *self, PyObject *const *args, Py_ssi
         PyErr_Format(shape_error, "ternary_matmul: k_pad %lld is not a multiple of %d", (long long)k_pad, TL_BLOCK);
         return NULL;
     }
-    const double w_scale = PyFloat_AsDouble(args[6]);
-    if (w_scale == -1.0 && PyErr_Occurred()) return NULL;
+    /* w_scale: a Python float (one scale, stride 0) or a float32 buffer of n (one per row, stride 1) */
+    const int ws_array = !PyFloat_Check(args[6]);
+    float ws_one = 1.0f;
+    if (!ws_array) ws_one = (float)PyFloat_AS_DOUBLE(args[6]);
     const int want_y = args[8] != Py_None;
     if (want_y == (args[9] != Py_None)) {
         PyErr_SetString(shape_error, "ternary_matmul: pass exactly one of y and acc");
         return NULL;
     }
-    Py_buffer w, xq, sums, as, out;
-    if (get_buf(args[0], "packed", 'B', 1, cnt(n, k_pad / 4), 0, &w)) return NULL;
+    Py_buffer w, xq, sums, as, out, ws = {0};
+    if (ws_array && get_buf(args[6], "w_scale", 'f', 4, n, 0, &ws)) return NULL;
+    if (get_buf(args[0], "packed", 'B', 1, cnt(n, k_pad / 4), 0, &w)) goto fail_ws;
     if (get_buf(args[3], "xq", 'b', 1, cnt(m, k_pad), 0, &xq)) goto fail_w;
     if (get_buf(args[4], "sums", 'i', 4, m, 0, &sums)) goto fail_xq;
     if (get_buf(args[5], "a_scale", 'f', 4, m, 0, &as)) goto fail_sums;
@@ -307,7 +385,7 @@ static PyObject *py_ternary_matmul(PyObject *self, PyObject *const *args, Py_ssi
         goto fail_as;
     int st;
     Py_BEGIN_ALLOW_THREADS
-    st = tl_ternary_matmul(w.buf, n, k_pad, xq.buf, sums.buf, as.buf, (float)w_scale, m,
+    st = tl_ternary_matmul(w.buf, n, k_pad, xq.buf, sums.buf, as.buf, ws_array ? ws.buf : &ws_one, ws_array, m,
                            want_y ? out.buf : NULL, want_y ? NULL : out.buf);
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&out);
@@ -315,6 +393,7 @@ static PyObject *py_ternary_matmul(PyObject *self, PyObject *const *args, Py_ssi
     PyBuffer_Release(&sums);
     PyBuffer_Release(&xq);
     PyBuffer_Release(&w);
+    if (ws_array) PyBuffer_Release(&ws);
     if (st != TL_OK) return raise_status(st), NULL;
     Py_RETURN_NONE;
 fail_as:
@@ -323,6 +402,78 @@ fail_sums:
     PyBuffer_Release(&sums);
 fail_xq:
     PyBuffer_Release(&xq);
+fail_w:
+    PyBuffer_Release(&w);
+fail_ws:
+    if (ws_array) PyBuffer_Release(&ws);
+    return NULL;
+}
+
+static int check_qblock(int64_t k, const char *fn) {
+    if (k % TL_QBLOCK == 0) return 0;
+    PyErr_Format(shape_error, "%s: k = %lld is not a multiple of %d", fn, (long long)k, TL_QBLOCK);
+    return -1;
+}
+
+/* quantize_q8_0(x, xq, xd, m, k) */
+static PyObject *py_quantize_q8_0(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    int64_t s[2];
+    if (check_nargs(nargs, 5, "quantize_q8_0") || get_i64(args[3], "m", &s[0]) || get_i64(args[4], "k", &s[1]) ||
+        check_sizes(2, s, "quantize_q8_0") || check_qblock(s[1], "quantize_q8_0"))
+        return NULL;
+    const int64_t m = s[0], k = s[1];
+    Py_buffer x, xq, xd;
+    if (get_buf(args[0], "x", 'f', 4, cnt(m, k), 0, &x)) return NULL;
+    if (get_buf(args[1], "xq", 'b', 1, cnt(m, k), 1, &xq)) goto fail_x;
+    if (get_buf(args[2], "xd", 'f', 4, cnt(m, k / TL_QBLOCK), 1, &xd)) goto fail_xq;
+    int st;
+    Py_BEGIN_ALLOW_THREADS
+    st = tl_quantize_q8_0(x.buf, m, k, xq.buf, xd.buf);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&xd);
+    PyBuffer_Release(&xq);
+    PyBuffer_Release(&x);
+    if (st != TL_OK) return raise_status(st), NULL;
+    Py_RETURN_NONE;
+fail_xq:
+    PyBuffer_Release(&xq);
+fail_x:
+    PyBuffer_Release(&x);
+    return NULL;
+}
+
+/* q8_matmul(w, wd, n, k, xq, xd, m, y) */
+static PyObject *py_q8_matmul(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    int64_t s[3];
+    if (check_nargs(nargs, 8, "q8_matmul") || get_i64(args[2], "n", &s[0]) || get_i64(args[3], "k", &s[1]) ||
+        get_i64(args[6], "m", &s[2]) || check_sizes(3, s, "q8_matmul") || check_qblock(s[1], "q8_matmul"))
+        return NULL;
+    const int64_t n = s[0], k = s[1], m = s[2];
+    Py_buffer w, wd, xq, xd, y;
+    if (get_buf(args[0], "q", 'b', 1, cnt(n, k), 0, &w)) return NULL;
+    if (get_buf(args[1], "d", 'e', 2, cnt(n, k / TL_QBLOCK), 0, &wd)) goto fail_w;
+    if (get_buf(args[4], "xq", 'b', 1, cnt(m, k), 0, &xq)) goto fail_wd;
+    if (get_buf(args[5], "xd", 'f', 4, cnt(m, k / TL_QBLOCK), 0, &xd)) goto fail_xq;
+    if (get_buf(args[7], "out", 'f', 4, cnt(m, n), 1, &y)) goto fail_xd;
+    int st;
+    Py_BEGIN_ALLOW_THREADS
+    st = tl_q8_matmul(w.buf, wd.buf, n, k, xq.buf, xd.buf, m, y.buf);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&y);
+    PyBuffer_Release(&xd);
+    PyBuffer_Release(&xq);
+    PyBuffer_Release(&wd);
+    PyBuffer_Release(&w);
+    if (st != TL_OK) return raise_status(st), NULL;
+    Py_RETURN_NONE;
+fail_xd:
+    PyBuffer_Release(&xd);
+fail_xq:
+    PyBuffer_Release(&xq);
+fail_wd:
+    PyBuffer_Release(&wd);
 fail_w:
     PyBuffer_Release(&w);
     return NULL;
@@ -357,6 +508,24 @@ fail_x:
 fail_w:
     PyBuffer_Release(&w);
     return NULL;
+}
+
+/* read_probe(buf): one pass over a uint8 buffer whose length is a multiple of 4096 (bandwidth probe) */
+static PyObject *py_read_probe(PyObject *self, PyObject *arg) {
+    (void)self;
+    Py_buffer b;
+    if (PyObject_GetBuffer(arg, &b, PyBUF_C_CONTIGUOUS) < 0) return NULL;
+    if (b.len % 4096 != 0) {
+        PyBuffer_Release(&b);
+        PyErr_SetString(shape_error, "read_probe: length must be a multiple of 4096");
+        return NULL;
+    }
+    uint64_t x;
+    Py_BEGIN_ALLOW_THREADS
+    x = tl_read_probe(b.buf, (int64_t)(b.len / 4096));
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&b);
+    return PyLong_FromUnsignedLongLong(x);
 }
 
 static PyObject *py_set_threads(PyObject *self, PyObject *arg) {
@@ -419,13 +588,119 @@ static PyObject *py_set_exceptions(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* ---- fused float ops ----------------------------------------------------------------------------- */
+
+static void release_all(Py_buffer *views, int n) {
+    for (int i = 0; i < n; i++) PyBuffer_Release(&views[i]);
+}
+
+static int get_f32(PyObject *o, const char *name, float *out) {
+    double v = PyFloat_AsDouble(o);
+    if (v == -1.0 && PyErr_Occurred()) {
+        PyErr_Clear();
+        PyErr_Format(shape_error, "%s: expected a float", name);
+        return -1;
+    }
+    *out = (float)v;
+    return 0;
+}
+
+/* rmsnorm(x, w, eps, m, k, out) */
+static PyObject *py_rmsnorm(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    int64_t s[2];
+    float eps;
+    if (check_nargs(nargs, 6, "rmsnorm") || get_f32(args[2], "eps", &eps) || get_i64(args[3], "m", &s[0]) ||
+        get_i64(args[4], "k", &s[1]) || check_sizes(2, s, "rmsnorm"))
+        return NULL;
+    Py_buffer b[3];
+    int n = 0;
+    if (get_buf(args[0], "x", 'f', 4, cnt(s[0], s[1]), 0, &b[n]) || (++n, 0) ||
+        get_buf(args[1], "w", 'f', 4, s[1], 0, &b[n]) || (++n, 0) ||
+        get_buf(args[5], "out", 'f', 4, cnt(s[0], s[1]), 1, &b[n]) || (++n, 0))
+        return release_all(b, n), NULL;
+    int st;
+    Py_BEGIN_ALLOW_THREADS
+    st = tl_rmsnorm(b[0].buf, b[1].buf, eps, s[0], s[1], b[2].buf);
+    Py_END_ALLOW_THREADS
+    release_all(b, n);
+    if (st != TL_OK) return raise_status(st), NULL;
+    Py_RETURN_NONE;
+}
+
+/* glu(gu, m, f, act, out) */
+static PyObject *py_glu(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    int64_t s[2], act;
+    if (check_nargs(nargs, 5, "glu") || get_i64(args[1], "m", &s[0]) || get_i64(args[2], "f", &s[1]) ||
+        get_i64(args[3], "act", &act) || check_sizes(2, s, "glu"))
+        return NULL;
+    Py_buffer b[2];
+    int n = 0;
+    if (get_buf(args[0], "gu", 'f', 4, cnt(s[0], 2 * s[1]), 0, &b[n]) || (++n, 0) ||
+        get_buf(args[4], "out", 'f', 4, cnt(s[0], s[1]), 1, &b[n]) || (++n, 0))
+        return release_all(b, n), NULL;
+    int st;
+    Py_BEGIN_ALLOW_THREADS
+    st = tl_glu(b[0].buf, s[0], s[1], (int)act, b[1].buf);
+    Py_END_ALLOW_THREADS
+    release_all(b, n);
+    if (st != TL_OK) return raise_status(st), NULL;
+    Py_RETURN_NONE;
+}
+
+/* attention_decode(qkv, k_cache, v_cache, max_len, pos, cos, sin, n_heads, n_kv, hd, scale, scores, out) */
+static PyObject *py_attention_decode(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    int64_t s[5], pos;
+    float scale;
+    if (check_nargs(nargs, 13, "attention_decode") || get_i64(args[3], "max_len", &s[0]) ||
+        get_i64(args[7], "n_heads", &s[1]) || get_i64(args[8], "n_kv", &s[2]) || get_i64(args[9], "hd", &s[3]) ||
+        get_i64(args[4], "pos", &pos) || get_f32(args[10], "scale", &scale) || check_sizes(4, s, "attention_decode"))
+        return NULL;
+    const int64_t max_len = s[0], n_heads = s[1], n_kv = s[2], hd = s[3];
+    if (n_heads > 65536 || n_kv > n_heads || hd > TL_MAX_HEAD_DIM || hd % 2 || pos < 0 || pos >= max_len) {
+        PyErr_SetString(shape_error, "attention_decode: head counts, head_dim or position out of range");
+        return NULL;
+    }
+    Py_buffer b[7];
+    int n = 0;
+    const int64_t cache = cnt(cnt(n_kv, max_len), hd);
+    if (get_buf(args[0], "qkv", 'f', 4, (n_heads + 2 * n_kv) * hd, 0, &b[n]) || (++n, 0) ||
+        get_buf(args[1], "k_cache", 'f', 4, cache, 1, &b[n]) || (++n, 0) ||
+        get_buf(args[2], "v_cache", 'f', 4, cache, 1, &b[n]) || (++n, 0) ||
+        get_buf(args[5], "cos", 'f', 4, hd / 2, 0, &b[n]) || (++n, 0) ||
+        get_buf(args[6], "sin", 'f', 4, hd / 2, 0, &b[n]) || (++n, 0) ||
+        get_buf(args[11], "scores", 'f', 4, max_len, 1, &b[n]) || (++n, 0) ||
+        get_buf(args[12], "out", 'f', 4, n_heads * hd, 1, &b[n]) || (++n, 0))
+        return release_all(b, n), NULL;
+    int st;
+    Py_BEGIN_ALLOW_THREADS
+    st = tl_attention_decode(b[0].buf, b[1].buf, b[2].buf, max_len, pos, b[3].buf, b[4].buf, (int)n_heads,
+                             (int)n_kv, (int)hd, scale, b[5].buf, b[6].buf);
+    Py_END_ALLOW_THREADS
+    release_all(b, n);
+    if (st != TL_OK) return raise_status(st), NULL;
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"quantize", (PyCFunction)(void (*)(void))py_quantize, METH_FASTCALL,
      "quantize(x, xq, a_scale, sums, m, k, k_pad): per-row int8 quantization into the given buffers"},
     {"ternary_matmul", (PyCFunction)(void (*)(void))py_ternary_matmul, METH_FASTCALL,
-     "ternary_matmul(packed, n, k_pad, xq, sums, a_scale, w_scale, m, y, acc): y or acc (m, n)"},
+     "ternary_matmul(packed, n, k_pad, xq, sums, a_scale, w_scale, m, y, acc): y or acc (m, n); "
+     "w_scale a float or float32 (n,)"},
+    {"quantize_q8_0", (PyCFunction)(void (*)(void))py_quantize_q8_0, METH_FASTCALL,
+     "quantize_q8_0(x, xq, xd, m, k): Q8_0 activations, one float32 scale per 32 columns"},
+    {"q8_matmul", (PyCFunction)(void (*)(void))py_q8_matmul, METH_FASTCALL,
+     "q8_matmul(q, d, n, k, xq, xd, m, y): y (m, n) = Q8_0 weights (q int8, d float16) . Q8_0 activations"},
+    {"rmsnorm", (PyCFunction)(void (*)(void))py_rmsnorm, METH_FASTCALL, "rmsnorm(x, w, eps, m, k, out)"},
+    {"glu", (PyCFunction)(void (*)(void))py_glu, METH_FASTCALL, "glu(gu, m, f, act, out)"},
+    {"attention_decode", (PyCFunction)(void (*)(void))py_attention_decode, METH_FASTCALL,
+     "attention_decode(qkv, k_cache, v_cache, max_len, pos, cos, sin, n_heads, n_kv, hd, scale, scores, out)"},
     {"float_matmul", (PyCFunction)(void (*)(void))py_float_matmul, METH_FASTCALL,
      "float_matmul(w, dtype, n, k, x, m, y): y (m, n) = x (m, k) . w (n, k)^T; dtype 0 f32, 1 f16, 2 bf16"},
+    {"read_probe", py_read_probe, METH_O, "read_probe(buf) -> int: one threaded pass over buf (bandwidth probe)"},
     {"set_threads", py_set_threads, METH_O, "set_threads(n): threads per kernel call, caller included"},
     {"get_threads", py_get_threads, METH_NOARGS, "get_threads() -> int"},
     {"available_isas", py_available_isas, METH_NOARGS, "available_isas() -> tuple of names, best last"},
@@ -447,7 +722,8 @@ PyMODINIT_FUNC PyInit__kernels(void) {
     PyObject *mod = PyModule_Create(&module);
     if (!mod) return NULL;
     if (PyModule_AddIntConstant(mod, "BLOCK", TL_BLOCK) || PyModule_AddIntConstant(mod, "MAX_K", TL_MAX_K) ||
-        PyModule_AddIntConstant(mod, "MAX_THREADS", TL_MAX_THREADS)) {
+        PyModule_AddIntConstant(mod, "MAX_THREADS", TL_MAX_THREADS) ||
+        PyModule_AddIntConstant(mod, "QBLOCK", TL_QBLOCK)) {
         Py_DECREF(mod);
         return NULL;
     }

@@ -8,8 +8,9 @@
 #include "ternary.h"
 
 #define INLINE static inline __attribute__((always_inline))
-/* Prefetch the next tile of rows as one linear stream, PF_EXTRA bytes beyond it (see avx512.c). */
-#define PF_EXTRA 4096
+/* Prefetch the next tile of rows as one linear stream, PF_EXTRA bytes beyond it, into L2 (see avx512.c). */
+#define PF_EXTRA 8192
+#define PF_HINT _MM_HINT_T1
 
 INLINE int32_t hsum_epi32(__m256i v) {
     __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
@@ -79,10 +80,10 @@ void tl_avx2_quantize(const float *x, int64_t m, int64_t k, int64_t k_pad, int8_
 /* ---- ternary matmul ---------------------------------------------------------------------------- */
 
 INLINE void store_out(int64_t i, int64_t r, int32_t acc, const int32_t *sums, const float *a_scale,
-                      float w_scale, int64_t ldy, float *y, int32_t *acc_out) {
+                      const float *w_scale, int64_t ws_stride, int64_t ldy, float *y, int32_t *acc_out) {
     acc -= sums[i];
     if (y)
-        y[i * ldy + r] = (float)acc * (w_scale / a_scale[i]);
+        y[i * ldy + r] = (float)acc * (w_scale[r * ws_stride] / a_scale[i]);
     else
         acc_out[i * ldy + r] = acc;
 }
@@ -91,7 +92,8 @@ INLINE void store_out(int64_t i, int64_t r, int32_t acc, const int32_t *sums, co
  * codes <= 2) stay below 4096, then widen once with vpmaddwd. */
 INLINE void tile(const int NR, const int MT, const uint8_t *w, int64_t row_bytes, int64_t nblk,
                  const int8_t *xq, int64_t k_pad, int64_t r, int64_t i, const int32_t *sums,
-                 const float *a_scale, float w_scale, int64_t ldy, float *y, int32_t *acc_out) {
+                 const float *a_scale, const float *w_scale, int64_t ws_stride, int64_t ldy, float *y,
+                 int32_t *acc_out) {
     const __m256i m3 = _mm256_set1_epi8(3), ones = _mm256_set1_epi16(1);
     __m256i acc[4][2];
     const uint8_t *wr[4];
@@ -109,7 +111,7 @@ INLINE void tile(const int NR, const int MT, const uint8_t *w, int64_t row_bytes
         for (int h = 0; h < 2; h++) {
             __m256i raw[4];
             for (int rr = 0; rr < NR; rr++) {
-                if (h == 0) _mm_prefetch(pf + (b * NR + rr) * 64, _MM_HINT_T0);
+                if (h == 0) _mm_prefetch(pf + (b * NR + rr) * 64, PF_HINT);
                 raw[rr] = _mm256_loadu_si256((const __m256i *)(wr[rr] + b * 64 + 32 * h));
             }
             for (int q = 0; q < 4; q++) {
@@ -128,14 +130,15 @@ INLINE void tile(const int NR, const int MT, const uint8_t *w, int64_t row_bytes
     }
     for (int t = 0; t < MT; t++)
         for (int rr = 0; rr < NR; rr++)
-            store_out(i + t, r + rr, hsum_epi32(acc[rr][t]), sums, a_scale, w_scale, ldy, y, acc_out);
+            store_out(i + t, r + rr, hsum_epi32(acc[rr][t]), sums, a_scale, w_scale, ws_stride, ldy, y, acc_out);
 }
 
 void tl_avx2_ternary(const uint8_t *w, int64_t k_pad, int64_t r0, int64_t r1, const int8_t *xq,
-                     const int32_t *sums, const float *a_scale, float w_scale, int64_t m, int64_t ldy,
-                     float *y, int32_t *acc_out) {
+                     const int32_t *sums, const float *a_scale, const float *w_scale, int64_t ws_stride,
+                     int64_t m, int64_t ldy, float *y, int32_t *acc_out) {
     const int64_t row_bytes = k_pad / 4, nblk = k_pad / TL_BLOCK;
-#define TILE(NR, MT) tile(NR, MT, w, row_bytes, nblk, xq, k_pad, r, i, sums, a_scale, w_scale, ldy, y, acc_out)
+#define TILE(NR, MT)                                                                                     \
+    tile(NR, MT, w, row_bytes, nblk, xq, k_pad, r, i, sums, a_scale, w_scale, ws_stride, ldy, y, acc_out)
 #define TOKENS(NR)                                                                                       \
     do {                                                                                                 \
         for (i = 0; i + 2 <= m; i += 2) TILE(NR, 2);                                                     \
@@ -173,7 +176,7 @@ INLINE void float_tile(const int dtype, const int NR, const int MT, const void *
     int64_t j = 0;
     for (; j + 8 <= k; j += 8) {
         if ((j & 31) == 0) /* NR * 32 * esize bytes every 4 steps */
-            for (int64_t p = 0; p < NR * 32 * esize; p += 64) _mm_prefetch(pf + j * NR * esize + p, _MM_HINT_T0);
+            for (int64_t p = 0; p < NR * 32 * esize; p += 64) _mm_prefetch(pf + j * NR * esize + p, PF_HINT);
         __m256 wv[4];
         for (int rr = 0; rr < NR; rr++) wv[rr] = load_w8(w, dtype, (r + rr) * k + j);
         for (int t = 0; t < MT; t++) {
@@ -210,6 +213,90 @@ void tl_avx2_float(const void *w, int dtype, int64_t k, int64_t r0, int64_t r1, 
     case TL_F16: float_rows(TL_F16, w, k, r0, r1, x, m, ldy, y); break;
     case TL_BF16: float_rows(TL_BF16, w, k, r0, r1, x, m, ldy, y); break;
     default: float_rows(TL_F32, w, k, r0, r1, x, m, ldy, y); break;
+    }
+}
+
+/* ---- Q8_0 (LM head) ---------------------------------------------------------------------------- */
+
+void tl_avx2_q8_quantize(const float *x, int64_t m, int64_t k, int8_t *xq, float *xd) {
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    const __m256i lo = _mm256_set1_epi32(-127), hi = _mm256_set1_epi32(127);
+    for (int64_t blk = 0; blk < m * (k / TL_QBLOCK); blk++) {
+        const float *xb = x + blk * TL_QBLOCK;
+        __m256 v[4], vmax = _mm256_setzero_ps();
+        for (int c = 0; c < 4; c++) {
+            v[c] = _mm256_loadu_ps(xb + 8 * c);
+            vmax = _mm256_max_ps(vmax, _mm256_and_ps(v[c], absmask));
+        }
+        const float amax = hmax_ps(vmax);
+        const int tiny = !(amax >= 1e-30f);
+        const __m256 id = _mm256_set1_ps(tiny ? 0.0f : 127.0f / amax);
+        xd[blk] = tiny ? 0.0f : amax / 127.0f;
+        for (int c = 0; c < 4; c++) {
+            __m256 f = _mm256_round_ps(_mm256_mul_ps(v[c], id), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            __m256i q = _mm256_min_epi32(_mm256_max_epi32(_mm256_cvtps_epi32(f), lo), hi);
+            int32_t tmp[8];
+            _mm256_storeu_si256((__m256i *)tmp, q);
+            for (int t = 0; t < 8; t++) xq[blk * TL_QBLOCK + 8 * c + t] = (int8_t)tmp[t];
+        }
+    }
+}
+
+/* Block sums of 8 blocks b0..b7 (8 int32 lanes each) -> one vector [sum b0, ..., sum b7]. */
+INLINE __m256i block_sums8(const __m256i b[8]) {
+    const __m256i h0 = _mm256_hadd_epi32(_mm256_hadd_epi32(b[0], b[1]), _mm256_hadd_epi32(b[2], b[3]));
+    const __m256i h1 = _mm256_hadd_epi32(_mm256_hadd_epi32(b[4], b[5]), _mm256_hadd_epi32(b[6], b[7]));
+    /* h0 = [b0..b3 over lanes 0-3 | b0..b3 over lanes 4-7], likewise h1 for b4..b7 */
+    return _mm256_add_epi32(_mm256_permute2x128_si256(h0, h1, 0x20), _mm256_permute2x128_si256(h0, h1, 0x31));
+}
+
+/* One row x one token. No VNNI: vpmaddubsw needs an unsigned operand, so the sign of w moves onto x
+ * (|w| by sign(w) x; pairs <= 2 * 127 * 127 fit int16 without saturation), then vpmaddwd widens.
+ * Blocks b with b % 16 < 8 go to lanes 0-7 (acc[0]), the others to lanes 8-15 (acc[1]). */
+INLINE float q8_dot(const int8_t *wr, const uint16_t *dr, const int8_t *x, const float *xd, int64_t nb,
+                    const char *pf) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int64_t b0 = 0; b0 < nb; b0 += 8) {
+        const int cnt = nb - b0 >= 8 ? 8 : (int)(nb - b0);
+        __m256i bs[8];
+        for (int b = 0; b < 8; b++) {
+            if (b >= cnt) {
+                bs[b] = _mm256_setzero_si256();
+                continue;
+            }
+            _mm_prefetch(pf + (b0 + b) * 32, PF_HINT);
+            const __m256i wv = _mm256_loadu_si256((const __m256i *)(wr + (b0 + b) * 32));
+            const __m256i xv = _mm256_loadu_si256((const __m256i *)(x + (b0 + b) * 32));
+            const __m256i p16 = _mm256_maddubs_epi16(_mm256_abs_epi8(wv), _mm256_sign_epi8(xv, wv));
+            bs[b] = _mm256_madd_epi16(p16, ones);
+        }
+        __m256 dw, dx;
+        if (cnt == 8) {
+            dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dr + b0)));
+            dx = _mm256_loadu_ps(xd + b0);
+        } else {
+            uint16_t tw[8] = {0};
+            float tx[8] = {0};
+            memcpy(tw, dr + b0, (size_t)cnt * 2);
+            memcpy(tx, xd + b0, (size_t)cnt * 4);
+            dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)tw));
+            dx = _mm256_loadu_ps(tx);
+        }
+        const __m256 p = _mm256_mul_ps(_mm256_cvtepi32_ps(block_sums8(bs)), _mm256_mul_ps(dw, dx));
+        const int half = (int)((b0 / 8) & 1);
+        acc[half] = _mm256_add_ps(acc[half], p);
+    }
+    return hsum_ps(_mm256_add_ps(acc[0], acc[1])); /* lanes l + 8 -> l, then the tree of hsum_ps */
+}
+
+void tl_avx2_q8(const int8_t *w, const uint16_t *wd, int64_t k, int64_t r0, int64_t r1, const int8_t *xq,
+                const float *xd, int64_t m, int64_t ldy, float *y) {
+    const int64_t nb = k / TL_QBLOCK;
+    for (int64_t r = r0; r < r1; r++) {
+        const char *pf = (const char *)(w + (r + 1) * k) + PF_EXTRA;
+        for (int64_t i = 0; i < m; i++)
+            y[i * ldy + r] = q8_dot(w + r * k, wd + r * nb, xq + i * k, xd + i * nb, nb, pf);
     }
 }
 

@@ -58,8 +58,8 @@ void tl_ref_quantize(const float *x, int64_t m, int64_t k, int64_t k_pad, int8_t
 
 /* w (n, k_pad/4) packed; writes columns [r0, r1) of y or acc_out (m, ldy) */
 void tl_ref_ternary(const uint8_t *w, int64_t k_pad, int64_t r0, int64_t r1, const int8_t *xq,
-                    const int32_t *sums, const float *a_scale, float w_scale, int64_t m, int64_t ldy,
-                    float *y, int32_t *acc_out) {
+                    const int32_t *sums, const float *a_scale, const float *w_scale, int64_t ws_stride,
+                    int64_t m, int64_t ldy, float *y, int32_t *acc_out) {
     const int64_t row_bytes = k_pad / 4;
     for (int64_t r = r0; r < r1; r++) {
         const uint8_t *wr = w + r * row_bytes;
@@ -75,7 +75,7 @@ void tl_ref_ternary(const uint8_t *w, int64_t k_pad, int64_t r0, int64_t r1, con
             }
             acc -= sums[i]; /* codes are w + 1 */
             if (y)
-                y[i * ldy + r] = (float)acc * (w_scale / a_scale[i]);
+                y[i * ldy + r] = (float)acc * (w_scale[r * ws_stride] / a_scale[i]);
             else
                 acc_out[i * ldy + r] = acc;
         }
@@ -103,4 +103,47 @@ void tl_ref_float(const void *w, int dtype, int64_t k, int64_t r0, int64_t r1, c
             y[i * ldy + r] = acc;
         }
     }
+}
+
+/* ---- Q8_0 ---------------------------------------------------------------------------------------- */
+
+/* x (m, k) -> xq (m, k), xd (m, k/32); float32 operations in numpy's order (quantize_act_q8_0) */
+void tl_ref_q8_quantize(const float *x, int64_t m, int64_t k, int8_t *xq, float *xd) {
+    for (int64_t blk = 0; blk < m * (k / TL_QBLOCK); blk++) {
+        const float *xb = x + blk * TL_QBLOCK;
+        float amax = 0.0f;
+        for (int j = 0; j < TL_QBLOCK; j++) {
+            float a = fabsf(xb[j]);
+            if (a > amax) amax = a;
+        }
+        const int tiny = !(amax >= 1e-30f);
+        const float id = tiny ? 0.0f : 127.0f / amax;
+        xd[blk] = tiny ? 0.0f : amax / 127.0f;
+        for (int j = 0; j < TL_QBLOCK; j++) {
+            float v = nearbyintf(xb[j] * id);
+            xq[blk * TL_QBLOCK + j] = (int8_t)(v > 127.0f ? 127.0f : (v >= -127.0f ? v : -127.0f));
+        }
+    }
+}
+
+/* The fixed float order of ternary.h: 16 lane sums by block index mod 16, then a halving tree. */
+float tl_ref_q8_dot(const int8_t *w, const uint16_t *wd, const int8_t *x, const float *xd, int64_t nb) {
+    float lane[16] = {0};
+    for (int64_t b = 0; b < nb; b++) {
+        int32_t isum = 0;
+        for (int j = 0; j < TL_QBLOCK; j++) isum += (int32_t)w[b * TL_QBLOCK + j] * x[b * TL_QBLOCK + j];
+        lane[b % 16] += (float)isum * (tl_f16_to_f32(wd[b]) * xd[b]);
+    }
+    for (int half = 8; half >= 1; half /= 2)
+        for (int l = 0; l < half; l++) lane[l] += lane[l + half];
+    return lane[0];
+}
+
+/* w (n, k), wd (n, k/32); writes columns [r0, r1) of y (m, ldy) */
+void tl_ref_q8(const int8_t *w, const uint16_t *wd, int64_t k, int64_t r0, int64_t r1, const int8_t *xq,
+               const float *xd, int64_t m, int64_t ldy, float *y) {
+    const int64_t nb = k / TL_QBLOCK;
+    for (int64_t r = r0; r < r1; r++)
+        for (int64_t i = 0; i < m; i++)
+            y[i * ldy + r] = tl_ref_q8_dot(w + r * k, wd + r * nb, xq + i * k, xd + i * nb, nb);
 }

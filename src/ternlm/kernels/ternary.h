@@ -10,6 +10,13 @@
  *   xq = clamp(rint(x * a_scale), -128, 127) (round half to even), zero-padded to k_pad, and
  *   sums[i] = sum_j xq[i, j]. Since codes are w + 1, acc = sum_j c * xq - sums[i].
  *
+ * Q8_0 (the LM head): weights q (n, k) int8 with one float16 scale d per 32-column block, wd (n, k/32);
+ *   activations xq (m, k) int8 with one float32 scale per block, xd (m, k/32); k % 32 == 0.
+ *   Block dot isum[i, r, b] = sum_{j in b} q[r, j] * xq[i, j] (exact int32), and in float32
+ *   p_b = float(isum) * (float(wd[r, b]) * xd[i, b]). The sum over b is fixed so every ISA is
+ *   bit-identical: 16 lanes, lane l += p_b for b = l, l + 16, ... in order (from +0), then
+ *   l + 8 -> l, l + 4 -> l, l + 2 -> l, lane 0 + lane 1 (see q8_matmul in ternlm/ternary.py).
+ *
  * Every function validates its sizes and returns TL_OK or a negative TL_E* code; none aborts.
  * Inputs must be finite (a NaN or inf activation row gives unspecified, but in-range, int8 values).
  */
@@ -32,7 +39,10 @@ enum tl_status {
     TL_EDTYPE = -5,   /* unknown float weight dtype */
     TL_ETHREADS = -6, /* bad thread count, or the pool could not start its threads */
     TL_EISA = -7,     /* unknown ISA name, or not supported by this CPU */
+    TL_EQBLOCK = -8,  /* Q8_0: k is not a multiple of 32 */
 };
+
+#define TL_QBLOCK 32 /* columns per Q8_0 scale */
 
 enum tl_dtype { TL_F32 = 0, TL_F16 = 1, TL_BF16 = 2 };
 
@@ -42,13 +52,40 @@ const char *tl_strerror(int status);
 int tl_quantize_rows(const float *x, int64_t m, int64_t k, int64_t k_pad, int8_t *xq, float *a_scale,
                      int32_t *sums);
 
-/* w (n, k_pad/4) packed, xq (m, k_pad), sums (m), a_scale (m).
- * y (m, n) = float(acc) * (w_scale / a_scale[i]); or, when y == NULL, acc_out (m, n) = acc. */
+/* w (n, k_pad/4) packed, xq (m, k_pad), sums (m), a_scale (m), w_scale (n) read with stride
+ * ws_stride (1: one scale per output row; 0: one per tensor, w_scale pointing at a single float).
+ * y (m, n) = float(acc) * (w_scale[r * ws_stride] / a_scale[i]); or, when y == NULL,
+ * acc_out (m, n) = acc (w_scale may then be NULL). */
 int tl_ternary_matmul(const uint8_t *w, int64_t n, int64_t k_pad, const int8_t *xq, const int32_t *sums,
-                      const float *a_scale, float w_scale, int64_t m, float *y, int32_t *acc_out);
+                      const float *a_scale, const float *w_scale, int64_t ws_stride, int64_t m, float *y,
+                      int32_t *acc_out);
+
+/* Q8_0 activations: x (m, k) -> xq (m, k), xd (m, k/32). Per block amax = max |x|;
+ * d = amax / 127 and q = clamp(rint(x * (127 / amax)), -127, 127), or d = 0, q = 0 when amax < 1e-30. */
+int tl_quantize_q8_0(const float *x, int64_t m, int64_t k, int8_t *xq, float *xd);
+
+/* Q8_0 matmul: w (n, k) int8, wd (n, k/32) float16 bits, xq (m, k), xd (m, k/32) -> y (m, n). */
+int tl_q8_matmul(const int8_t *w, const uint16_t *wd, int64_t n, int64_t k, const int8_t *xq, const float *xd,
+                 int64_t m, float *y);
 
 /* w (n, k) of dtype (f32, f16, or bf16 as uint16), x (m, k) -> y (m, n) = x . w^T, f32 accumulation. */
 int tl_float_matmul(const void *w, int dtype, int64_t n, int64_t k, const float *x, int64_t m, float *y);
+
+/* ---- fused float ops of a transformer block (ops.c); single-threaded, no ISA dispatch needed --- */
+enum tl_act { TL_ACT_RELU2 = 0, TL_ACT_SILU = 1 };
+#define TL_MAX_HEAD_DIM 1024
+
+/* y (m, k) = w * (x * (1 / sqrt(mean(x^2) + eps))), per row. */
+int tl_rmsnorm(const float *x, const float *w, float eps, int64_t m, int64_t k, float *y);
+/* gu (m, 2f) = [gate | up] -> z (m, f) = act(gate) * up; act relu^2 or silu. */
+int tl_glu(const float *gu, int64_t m, int64_t f, int act, float *z);
+/* One new token at position pos of one layer: RoPE (cos, sin: (hd/2) of pos) on q and k, k and v
+ * written to the caches (n_kv, max_len, hd) at pos, then per query head h softmax(q.K^T * scale) V
+ * over positions 0..pos with KV head h / (n_heads / n_kv). qkv (n_heads*hd + 2*n_kv*hd),
+ * scores (max_len) scratch, out (n_heads*hd). */
+int tl_attention_decode(const float *qkv, float *k_cache, float *v_cache, int64_t max_len, int64_t pos,
+                        const float *cos, const float *sin, int n_heads, int n_kv, int hd, float scale,
+                        float *scores, float *out);
 
 /* Threads: total count including the caller; the pool starts lazily on the first parallel call. */
 int tl_set_threads(int n);
@@ -68,41 +105,56 @@ const char *tl_active_isa(void);
 typedef void (*tl_quantize_fn)(const float *x, int64_t m, int64_t k, int64_t k_pad, int8_t *xq,
                                float *a_scale, int32_t *sums);
 typedef void (*tl_ternary_fn)(const uint8_t *w, int64_t k_pad, int64_t r0, int64_t r1, const int8_t *xq,
-                              const int32_t *sums, const float *a_scale, float w_scale, int64_t m,
-                              int64_t ldy, float *y, int32_t *acc_out);
+                              const int32_t *sums, const float *a_scale, const float *w_scale,
+                              int64_t ws_stride, int64_t m, int64_t ldy, float *y, int32_t *acc_out);
 typedef void (*tl_float_fn)(const void *w, int dtype, int64_t k, int64_t r0, int64_t r1, const float *x,
                             int64_t m, int64_t ldy, float *y);
+typedef void (*tl_q8_quantize_fn)(const float *x, int64_t m, int64_t k, int8_t *xq, float *xd);
+typedef void (*tl_q8_fn)(const int8_t *w, const uint16_t *wd, int64_t k, int64_t r0, int64_t r1,
+                         const int8_t *xq, const float *xd, int64_t m, int64_t ldy, float *y);
 
 typedef struct {
     const char *name;
     tl_quantize_fn quantize;
     tl_ternary_fn ternary;
     tl_float_fn floatmm;
+    tl_q8_quantize_fn q8_quantize;
+    tl_q8_fn q8;
 } tl_isa;
 
 void tl_ref_quantize(const float *x, int64_t m, int64_t k, int64_t k_pad, int8_t *xq, float *a_scale,
                      int32_t *sums);
 void tl_ref_ternary(const uint8_t *w, int64_t k_pad, int64_t r0, int64_t r1, const int8_t *xq,
-                    const int32_t *sums, const float *a_scale, float w_scale, int64_t m, int64_t ldy,
-                    float *y, int32_t *acc_out);
+                    const int32_t *sums, const float *a_scale, const float *w_scale, int64_t ws_stride,
+                    int64_t m, int64_t ldy, float *y, int32_t *acc_out);
+void tl_ref_q8_quantize(const float *x, int64_t m, int64_t k, int8_t *xq, float *xd);
+void tl_ref_q8(const int8_t *w, const uint16_t *wd, int64_t k, int64_t r0, int64_t r1, const int8_t *xq,
+               const float *xd, int64_t m, int64_t ldy, float *y);
 void tl_ref_float(const void *w, int dtype, int64_t k, int64_t r0, int64_t r1, const float *x, int64_t m,
                   int64_t ldy, float *y);
 float tl_f16_to_f32(uint16_t h);
+float tl_ref_q8_dot(const int8_t *w, const uint16_t *wd, const int8_t *x, const float *xd, int64_t nb);
 float tl_bf16_to_f32(uint16_t h);
 
 #if defined(__x86_64__)
 void tl_avx2_quantize(const float *x, int64_t m, int64_t k, int64_t k_pad, int8_t *xq, float *a_scale,
                       int32_t *sums);
 void tl_avx2_ternary(const uint8_t *w, int64_t k_pad, int64_t r0, int64_t r1, const int8_t *xq,
-                     const int32_t *sums, const float *a_scale, float w_scale, int64_t m, int64_t ldy,
-                     float *y, int32_t *acc_out);
+                     const int32_t *sums, const float *a_scale, const float *w_scale, int64_t ws_stride,
+                     int64_t m, int64_t ldy, float *y, int32_t *acc_out);
+void tl_avx2_q8_quantize(const float *x, int64_t m, int64_t k, int8_t *xq, float *xd);
+void tl_avx2_q8(const int8_t *w, const uint16_t *wd, int64_t k, int64_t r0, int64_t r1, const int8_t *xq,
+                const float *xd, int64_t m, int64_t ldy, float *y);
 void tl_avx2_float(const void *w, int dtype, int64_t k, int64_t r0, int64_t r1, const float *x, int64_t m,
                    int64_t ldy, float *y);
 void tl_avx512_quantize(const float *x, int64_t m, int64_t k, int64_t k_pad, int8_t *xq, float *a_scale,
                         int32_t *sums);
 void tl_avx512_ternary(const uint8_t *w, int64_t k_pad, int64_t r0, int64_t r1, const int8_t *xq,
-                       const int32_t *sums, const float *a_scale, float w_scale, int64_t m, int64_t ldy,
-                       float *y, int32_t *acc_out);
+                       const int32_t *sums, const float *a_scale, const float *w_scale, int64_t ws_stride,
+                       int64_t m, int64_t ldy, float *y, int32_t *acc_out);
+void tl_avx512_q8_quantize(const float *x, int64_t m, int64_t k, int8_t *xq, float *xd);
+void tl_avx512_q8(const int8_t *w, const uint16_t *wd, int64_t k, int64_t r0, int64_t r1, const int8_t *xq,
+                  const float *xd, int64_t m, int64_t ldy, float *y);
 void tl_avx512_float(const void *w, int dtype, int64_t k, int64_t r0, int64_t r1, const float *x, int64_t m,
                      int64_t ldy, float *y);
 #endif

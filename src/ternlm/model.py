@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from ternlm import kernels
 from ternlm.config import ModelConfig
@@ -55,6 +56,14 @@ class Transformer:
 
     def forward(self, tokens: np.ndarray, cache: KVCache, start: int, last_only: bool = False) -> np.ndarray:
         """Logits (t, vocab) for tokens (t,) at positions start..; with last_only, (1, vocab) for the last."""
+        if len(tokens) == 1:
+            return self._forward(tokens, cache, start, last_only)
+        # Prefill attention runs numpy matmuls; BLAS worker threads would spin on the cores that the
+        # ternary kernels' threads need (measured: 2-thread prefill no faster than 1-thread).
+        with threadpool_limits(1, user_api="blas"):
+            return self._forward(tokens, cache, start, last_only)
+
+    def _forward(self, tokens: np.ndarray, cache: KVCache, start: int, last_only: bool) -> np.ndarray:
         x = self.w.embed.rows(tokens)  # (t, dim)
         for i, layer in enumerate(self.w.layers):
             x = self.block(x, layer, i, cache, start)

@@ -50,7 +50,7 @@ def test_attention_decode(n_kv: int, group: int, hd: int, pos: int, seed: int) -
     k_ref, v_ref = k_cache.copy(), v_cache.copy()
     expected = ternary.attention_decode(qkv, k_ref, v_ref, pos, cos, sin, n_heads, hd ** -0.5)
     got = kernels.attention_decode(qkv, k_cache, v_cache, pos, cos, sin, n_heads, hd ** -0.5,
-                                   np.empty(max_len, np.float32))
+                                   np.empty((n_heads, max_len), np.float32))
     np.testing.assert_array_equal(k_cache, k_ref)  # RoPE'd key and value written at pos, nothing else
     np.testing.assert_array_equal(v_cache, v_ref)
     np.testing.assert_allclose(got, expected, rtol=2e-5, atol=2e-6)
@@ -60,6 +60,6 @@ def test_attention_decode_checks_position() -> None:
     caches = [np.zeros((1, 4, 8), np.float32) for _ in range(2)]
     trig = np.ones(4, np.float32)
     with pytest.raises(ShapeError, match="position"):
-        kernels.attention_decode(np.zeros(24, np.float32), *caches, 4, trig, trig, 1, 1.0, np.zeros(4, np.float32))
+        kernels.attention_decode(np.zeros(24, np.float32), *caches, 4, trig, trig, 1, 1.0, np.zeros((1, 4), np.float32))
     with pytest.raises(ShapeError):  # qkv one element short
-        kernels.attention_decode(np.zeros(23, np.float32), *caches, 0, trig, trig, 1, 1.0, np.zeros(4, np.float32))
+        kernels.attention_decode(np.zeros(23, np.float32), *caches, 0, trig, trig, 1, 1.0, np.zeros((1, 4), np.float32))

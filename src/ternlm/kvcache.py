@@ -17,7 +17,7 @@ class KVCache:
         shape = (config.n_layers, config.n_kv_heads, max_len, config.head_dim)
         self.k = np.zeros(shape, dtype=np.float32)  # (layers, kv_heads, max_len, head_dim)
         self.v = np.zeros(shape, dtype=np.float32)
-        self.scores = np.empty(max_len, dtype=np.float32)  # scratch of the decode attention kernel
+        self.scores = np.empty((config.n_heads, max_len), dtype=np.float32)  # decode attention scratch
         self.max_len = max_len
 
     def store(self, layer: int, start: int, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

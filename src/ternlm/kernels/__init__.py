@@ -212,7 +212,7 @@ def attention_decode(qkv: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, 
     """One token's attention at `pos` (see ``ternlm.ternary.attention_decode``); writes k, v into the caches.
 
     qkv (n_heads*hd + 2*n_kv*hd,) float32; k_cache, v_cache (n_kv, max_len, hd); cos, sin (hd/2,);
-    scores (max_len,) scratch. Returns (n_heads*hd,) float32.
+    scores (n_heads, max_len) scratch. Returns (n_heads*hd,) float32.
     """
     if k_cache.ndim != 3 or v_cache.shape != k_cache.shape:
         raise ShapeError(f"attention_decode: caches must both be (n_kv, max_len, hd), got {k_cache.shape} "

@@ -659,7 +659,8 @@ static PyObject *py_attention_decode(PyObject *self, PyObject *const *args, Py_s
         get_i64(args[4], "pos", &pos) || get_f32(args[10], "scale", &scale) || check_sizes(4, s, "attention_decode"))
         return NULL;
     const int64_t max_len = s[0], n_heads = s[1], n_kv = s[2], hd = s[3];
-    if (n_heads > 65536 || n_kv > n_heads || hd > TL_MAX_HEAD_DIM || hd % 2 || pos < 0 || pos >= max_len) {
+    if (n_heads % n_kv || n_heads / n_kv > TL_MAX_GROUP || hd > TL_MAX_HEAD_DIM || hd % 2 || pos < 0 ||
+        pos >= max_len) {
         PyErr_SetString(shape_error, "attention_decode: head counts, head_dim or position out of range");
         return NULL;
     }
@@ -671,7 +672,7 @@ static PyObject *py_attention_decode(PyObject *self, PyObject *const *args, Py_s
         get_buf(args[2], "v_cache", 'f', 4, cache, 1, &b[n]) || (++n, 0) ||
         get_buf(args[5], "cos", 'f', 4, hd / 2, 0, &b[n]) || (++n, 0) ||
         get_buf(args[6], "sin", 'f', 4, hd / 2, 0, &b[n]) || (++n, 0) ||
-        get_buf(args[11], "scores", 'f', 4, max_len, 1, &b[n]) || (++n, 0) ||
+        get_buf(args[11], "scores", 'f', 4, cnt(n_heads, max_len), 1, &b[n]) || (++n, 0) ||
         get_buf(args[12], "out", 'f', 4, n_heads * hd, 1, &b[n]) || (++n, 0))
         return release_all(b, n), NULL;
     int st;

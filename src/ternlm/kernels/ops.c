@@ -3,7 +3,8 @@
  * of one new token over the KV cache (with RoPE and the cache write).
  *
  * Plain C written so gcc vectorizes it (16 independent lanes, no reassociation needed); on x86 each
- * hot function is also cloned for AVX-512 and AVX2 and picked by the loader at run time. */
+ * entry point is also cloned for AVX-512 and AVX2 (helpers are inlined into every clone) and the
+ * loader picks the clone at run time. */
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
@@ -17,19 +18,9 @@
 #endif
 
 #define LANES 16
+#define INLINE static inline __attribute__((always_inline))
 
-CLONES static float sum_squares(const float *x, int64_t n) {
-    float acc[LANES] = {0};
-    int64_t j = 0;
-    for (; j + LANES <= n; j += LANES)
-        for (int l = 0; l < LANES; l++) acc[l] += x[j + l] * x[j + l];
-    float s = 0.0f;
-    for (; j < n; j++) s += x[j] * x[j];
-    for (int l = 0; l < LANES; l++) s += acc[l];
-    return s;
-}
-
-CLONES static float dot(const float *a, const float *b, int64_t n) {
+INLINE float dot(const float *a, const float *b, int64_t n) {
     float acc[LANES] = {0};
     int64_t j = 0;
     for (; j + LANES <= n; j += LANES)
@@ -40,12 +31,48 @@ CLONES static float dot(const float *a, const float *b, int64_t n) {
     return s;
 }
 
-/* y += p * v */
-CLONES static void axpy(float *y, float p, const float *v, int64_t n) {
-    for (int64_t j = 0; j < n; j++) y[j] += p * v[j];
+INLINE float sum_squares(const float *x, int64_t n) { return dot(x, x, n); }
+
+/* e^x for x <= 0 (softmax after subtracting the max), within 2 ulp: Cody-Waite reduction x = n ln2 + r
+ * and a degree-6 polynomial. Branch-free so the loop over positions vectorizes; a libm expf call per
+ * score cost more than the dot products. */
+INLINE float exp_nonpositive(float x) {
+    x = x < -87.0f ? -87.0f : x;
+    const float n = rintf(x * 1.44269504088896341f);
+    const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    const int32_t bits = ((int32_t)n + 127) << 23;
+    float two_n;
+    memcpy(&two_n, &bits, sizeof two_n);
+    return p * two_n;
 }
 
-int tl_rmsnorm(const float *x, const float *w, float eps, int64_t m, int64_t k, float *y) {
+#define VCHUNK 64
+
+/* out (hd) = sum_s p[s] * values[s] (len, hd): 64 output columns at a time held in registers across
+ * all positions, instead of a load and store of the output row per position. */
+INLINE void weigh_values(const float *p, const float *values, int64_t len, int hd, float *out) {
+    int d0 = 0;
+    for (; d0 + VCHUNK <= hd; d0 += VCHUNK) {
+        float acc[VCHUNK] = {0};
+        for (int64_t s = 0; s < len; s++)
+            for (int l = 0; l < VCHUNK; l++) acc[l] += p[s] * values[s * hd + d0 + l];
+        memcpy(out + d0, acc, sizeof acc);
+    }
+    for (; d0 < hd; d0++) {
+        float acc = 0.0f;
+        for (int64_t s = 0; s < len; s++) acc += p[s] * values[s * hd + d0];
+        out[d0] = acc;
+    }
+}
+
+CLONES int tl_rmsnorm(const float *x, const float *w, float eps, int64_t m, int64_t k, float *y) {
     if (!x || !w || !y) return TL_ENULL;
     if (m <= 0 || k <= 0) return TL_ESIZE;
     for (int64_t i = 0; i < m; i++) {
@@ -58,7 +85,7 @@ int tl_rmsnorm(const float *x, const float *w, float eps, int64_t m, int64_t k, 
     return TL_OK;
 }
 
-int tl_glu(const float *gu, int64_t m, int64_t f, int act, float *z) {
+CLONES int tl_glu(const float *gu, int64_t m, int64_t f, int act, float *z) {
     if (!gu || !z) return TL_ENULL;
     if (m <= 0 || f <= 0) return TL_ESIZE;
     if (act != TL_ACT_RELU2 && act != TL_ACT_SILU) return TL_EDTYPE;
@@ -78,7 +105,7 @@ int tl_glu(const float *gu, int64_t m, int64_t f, int act, float *z) {
 }
 
 /* Rotate-half RoPE of one head vector x (hd) into y. */
-static void rope(const float *x, const float *cos, const float *sin, int hd, float *y) {
+INLINE void rope(const float *x, const float *cos, const float *sin, int hd, float *y) {
     const int half = hd / 2;
     for (int i = 0; i < half; i++) {
         const float x1 = x[i], x2 = x[i + half];
@@ -87,38 +114,51 @@ static void rope(const float *x, const float *cos, const float *sin, int hd, flo
     }
 }
 
+/* Query heads of one KV head are processed together, so each cached key and value row is read once
+ * per KV head rather than once per query head; KV heads are split across the thread pool. */
+typedef struct {
+    const float *qkv, *cos, *sin;
+    float *k_cache, *v_cache, *scores, *out;
+    int64_t max_len, len;
+    int n_heads, n_kv, hd;
+    float scale;
+} attn_job;
+
+CLONES static void attend_kv_heads(void *arg, int64_t g0, int64_t g1) {
+    const attn_job *j = arg;
+    const int group = j->n_heads / j->n_kv, hd = j->hd;
+    float qr[TL_MAX_GROUP * TL_MAX_HEAD_DIM];
+    for (int64_t g = g0; g < g1; g++) {
+        const float *keys = j->k_cache + g * j->max_len * hd, *values = j->v_cache + g * j->max_len * hd;
+        float *scores = j->scores + g * group * j->max_len; /* (group, max_len) */
+        for (int h = 0; h < group; h++) rope(j->qkv + (g * group + h) * hd, j->cos, j->sin, hd, qr + h * hd);
+        for (int64_t s = 0; s < j->len; s++)
+            for (int h = 0; h < group; h++) scores[h * j->max_len + s] = dot(qr + h * hd, keys + s * hd, hd) * j->scale;
+        for (int h = 0; h < group; h++) {
+            float *sc = scores + h * j->max_len, top = -INFINITY, total = 0.0f;
+            for (int64_t s = 0; s < j->len; s++) top = sc[s] > top ? sc[s] : top;
+            for (int64_t s = 0; s < j->len; s++) sc[s] = exp_nonpositive(sc[s] - top);
+            for (int64_t s = 0; s < j->len; s++) total += sc[s];
+            for (int64_t s = 0; s < j->len; s++) sc[s] /= total;
+        }
+        for (int h = 0; h < group; h++) weigh_values(scores + h * j->max_len, values, j->len, hd,
+                                                     j->out + (g * group + h) * hd);
+    }
+}
+
 int tl_attention_decode(const float *qkv, float *k_cache, float *v_cache, int64_t max_len, int64_t pos,
                         const float *cos, const float *sin, int n_heads, int n_kv, int hd, float scale,
                         float *scores, float *out) {
     if (!qkv || !k_cache || !v_cache || !cos || !sin || !scores || !out) return TL_ENULL;
     if (n_heads <= 0 || n_kv <= 0 || hd <= 0 || max_len <= 0) return TL_ESIZE;
-    if (n_heads % n_kv || hd % 2 || hd > TL_MAX_HEAD_DIM || pos < 0 || pos >= max_len) return TL_ERANGE;
-    const int group = n_heads / n_kv;
-    const float *q = qkv, *k = qkv + (int64_t)n_heads * hd, *v = k + (int64_t)n_kv * hd;
-    const int64_t len = pos + 1;
-
+    if (n_heads % n_kv || n_heads / n_kv > TL_MAX_GROUP || hd % 2 || hd > TL_MAX_HEAD_DIM || pos < 0 ||
+        pos >= max_len)
+        return TL_ERANGE;
+    const float *k = qkv + (int64_t)n_heads * hd, *v = k + (int64_t)n_kv * hd;
     for (int g = 0; g < n_kv; g++) { /* store this token's roped key and its value */
         rope(k + (int64_t)g * hd, cos, sin, hd, k_cache + ((int64_t)g * max_len + pos) * hd);
         memcpy(v_cache + ((int64_t)g * max_len + pos) * hd, v + (int64_t)g * hd, (size_t)hd * sizeof(float));
     }
-    float qr[TL_MAX_HEAD_DIM];
-    for (int h = 0; h < n_heads; h++) {
-        const float *keys = k_cache + (int64_t)(h / group) * max_len * hd;
-        const float *values = v_cache + (int64_t)(h / group) * max_len * hd;
-        rope(q + (int64_t)h * hd, cos, sin, hd, qr);
-        float top = -INFINITY;
-        for (int64_t s = 0; s < len; s++) {
-            scores[s] = dot(qr, keys + s * hd, hd) * scale;
-            if (scores[s] > top) top = scores[s];
-        }
-        float total = 0.0f;
-        for (int64_t s = 0; s < len; s++) {
-            scores[s] = expf(scores[s] - top);
-            total += scores[s];
-        }
-        float *o = out + (int64_t)h * hd;
-        memset(o, 0, (size_t)hd * sizeof(float));
-        for (int64_t s = 0; s < len; s++) axpy(o, scores[s] / total, values + s * hd, hd);
-    }
-    return TL_OK;
+    attn_job job = {qkv, cos, sin, k_cache, v_cache, scores, out, max_len, pos + 1, n_heads, n_kv, hd, scale};
+    return tl_parallel_for(n_kv, 1, attend_kv_heads, &job);
 }

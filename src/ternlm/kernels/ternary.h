@@ -73,7 +73,8 @@ int tl_float_matmul(const void *w, int dtype, int64_t n, int64_t k, const float 
 
 /* ---- fused float ops of a transformer block (ops.c); single-threaded, no ISA dispatch needed --- */
 enum tl_act { TL_ACT_RELU2 = 0, TL_ACT_SILU = 1 };
-#define TL_MAX_HEAD_DIM 1024
+#define TL_MAX_HEAD_DIM 512
+#define TL_MAX_GROUP 16 /* query heads per KV head */
 
 /* y (m, k) = w * (x * (1 / sqrt(mean(x^2) + eps))), per row. */
 int tl_rmsnorm(const float *x, const float *w, float eps, int64_t m, int64_t k, float *y);
@@ -82,7 +83,7 @@ int tl_glu(const float *gu, int64_t m, int64_t f, int act, float *z);
 /* One new token at position pos of one layer: RoPE (cos, sin: (hd/2) of pos) on q and k, k and v
  * written to the caches (n_kv, max_len, hd) at pos, then per query head h softmax(q.K^T * scale) V
  * over positions 0..pos with KV head h / (n_heads / n_kv). qkv (n_heads*hd + 2*n_kv*hd),
- * scores (max_len) scratch, out (n_heads*hd). */
+ * scores (n_heads, max_len) scratch, out (n_heads*hd). Threaded over KV heads. */
 int tl_attention_decode(const float *qkv, float *k_cache, float *v_cache, int64_t max_len, int64_t pos,
                         const float *cos, const float *sin, int n_heads, int n_kv, int hd, float scale,
                         float *scores, float *out);

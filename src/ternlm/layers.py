@@ -100,7 +100,7 @@ class Q8Matrix:
     """
 
     dtype = "Q8_0"
-    CHUNK_ROWS = 8192  # quantize this many rows at a time, bounding the float32 temporary
+    CHUNK_ROWS = 2048  # quantize this many rows at a time, bounding the float32 temporaries
 
     def __init__(self, q: np.ndarray, d: np.ndarray) -> None:
         if q.dtype != np.int8 or d.dtype != np.float16 or q.ndim != 2 or d.shape != (q.shape[0], q.shape[1] // 32):

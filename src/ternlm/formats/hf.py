@@ -172,10 +172,11 @@ def pack_hf(codes: np.ndarray) -> np.ndarray:
 
 
 def as_f32(t: Tensor) -> np.ndarray:
+    """A float32 copy: a view would keep the whole file mapped, and its touched pages resident."""
     if t.dtype == "BF16":
         return ternary.bf16_to_f32(t.data)
     if t.dtype in ("F32", "F16", "F64"):
-        return np.asarray(t.data, dtype=np.float32)
+        return np.array(t.data, dtype=np.float32)
     raise FormatError(f"{t.file}: tensor {t.name!r} has dtype {t.dtype}, expected a float type")
 
 

@@ -119,8 +119,9 @@ def main() -> None:
     print(f"bytes read per decoded token: {gb:.3f} GB (ternary {info['ternary_bytes'] / 1e9:.3f} "
           f"+ head {info['head_bytes'] / 1e9:.3f})")
     kv = model._cache.nbytes
-    print(f"memory: resident after load {rss_after / 1e9:.3f} GB = {rss_after / info['bytes_per_token']:.2f} x weights; "
-          f"peak during load {peak / 1e9:.3f} GB = {peak / (info['bytes_per_token'] + kv):.2f} x (weights + "
+    weights = info["bytes_per_token"]
+    print(f"memory: resident after load {rss_after / 1e9:.3f} GB = {rss_after / weights:.2f} x weights; "
+          f"peak during load {peak / 1e9:.3f} GB = {peak / (weights + kv):.2f} x (weights + "
           f"{kv / 1e9:.3f} GB KV cache allocated)")
     for threads in args.threads:
         kernels.set_threads(threads)

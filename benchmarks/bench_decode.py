@@ -3,7 +3,8 @@
     python benchmarks/make_2b4t_shapes.py            # once: a 2B4T-shaped random model
     python benchmarks/bench_decode.py [MODEL_DIR] [--threads 1 2] [--pp 128] [--tg 64] [--reps 3]
 
-Bandwidth achieved = bytes of weights read per token (ternary layers + output head) x tokens/s.
+Bandwidth achieved = bytes of weights read per token (ternary layers + output head) x tokens/s, printed against
+a read bandwidth measured in the same run (ternlm.kernels.read_bandwidth).
 Python overhead: the share of a decode step that is Python, measured two ways (see python_overhead).
 Medians of --reps runs; this machine is shared, so compare figures from one run only.
 """
@@ -130,8 +131,10 @@ def main() -> None:
         pp_rate = statistics.median(r[0] for r in runs)
         tg_rate = statistics.median(r[1] for r in runs)
         alone, outside = python_overhead(model)
+        bw = kernels.read_bandwidth() / 1e9
         print(f"ternlm {threads}T: prefill pp{args.pp} {pp_rate:7.1f} tok/s | decode tg{args.tg} {tg_rate:6.1f} tok/s"
-              f" = {tg_rate * gb:5.1f} GB/s of weights | python {100 * alone:.1f}% of a decode step alone, "
+              f" = {tg_rate * gb:5.1f} GB/s of weights, {100 * tg_rate * gb / bw:.0f}% of the {bw:.1f} GB/s measured"
+              f" (ceiling {bw / gb:.1f} tok/s) | python {100 * alone:.1f}% of a decode step alone, "
               f"{100 * outside:.1f}% of wall time outside kernels")
 
 

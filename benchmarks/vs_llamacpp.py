@@ -14,8 +14,8 @@ done are the same, so the speed comparison holds although the logits differ.
 
 pp = one batch of --pp tokens from an empty context; tg = 64 single-token steps after it (greedy argmax), like
 llama-bench. Engines alternate within each rep and the medians of --reps are reported; the machine is shared, so
-compare figures from one run only. Decode ceiling = measured bandwidth (numpy one-pass sum over 1 GiB, best of 3,
-single-threaded) / bytes read per token.
+compare figures from one run only. Decode ceiling = measured bandwidth (ternlm.kernels.read_bandwidth: one pass over
+1 GiB with all threads, best of 3) / bytes read per token.
 """
 
 from __future__ import annotations
@@ -130,17 +130,6 @@ def bench_llama(llm: llama_cpp.Llama, pp: int, tg: int) -> tuple[float, float]:
     return pp / (t1 - t0), tg / (t2 - t1)
 
 
-def bandwidth() -> float:
-    """Bytes/s of a one-pass numpy sum over 1 GiB of float32, best of 3."""
-    a = np.ones(1 << 28, np.float32)
-    best = float("inf")
-    for _ in range(3):
-        t0 = time.perf_counter()
-        a.sum()
-        best = min(best, time.perf_counter() - t0)
-    return a.nbytes / best
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
@@ -182,8 +171,10 @@ def main() -> None:
                                               lambda pp, tg, m=llm: bench_llama(m, pp, tg),
                                               lambda n, m=llm: llama_cpp.llama_set_n_threads(m.ctx, n, n))
 
-    bw = bandwidth()
-    print(f"memory bandwidth (numpy sum, 1 GiB, best of 3): {bw / 1e9:.1f} GB/s; reps {args.reps}")
+    kernels.set_threads(max(args.threads))
+    bw = kernels.read_bandwidth()
+    print(f"memory bandwidth ({max(args.threads)} threads, one pass over 1 GiB, best of 3): {bw / 1e9:.1f} GB/s; "
+          f"reps {args.reps}")
     results: dict[tuple[str, int], list[tuple[float, ...]]] = {}
     for threads in args.threads:
         for *_, fn, set_threads in engines.values():
@@ -212,8 +203,7 @@ def main() -> None:
             if base:
                 line += "  " + " ".join(f"{b / m:5.2f}x" for b, m in zip(base, med, strict=True))
         print(line)
-    print("ceiling = bandwidth / bytes per token (tg tok/s); numpy's float32 sum is partly compute bound, so it is a "
-          "low estimate of DRAM bandwidth (an AVX-512 loop reads ~41 GB/s here, docs/cpu-notes.md)")
+    print("ceiling = measured bandwidth / bytes per token (tg tok/s)")
     print("ratios use the ternlm row of the same head and threads "
           "(else ternlm's own head)")
 

@@ -39,6 +39,7 @@ __all__ = [
     "q8_matmul",
     "quantize_act_q8_0",
     "quantize_activations",
+    "read_bandwidth",
     "rmsnorm",
     "set_isa",
     "set_threads",
@@ -248,6 +249,21 @@ def float_matmul(w: np.ndarray, x: np.ndarray, out: np.ndarray | None = None) ->
     else:
         _ext.float_matmul(w, code, n, k, x, m, out)
     return out
+
+
+def read_bandwidth(nbytes: int = 1 << 30, reps: int = 3) -> float:
+    """Memory read bandwidth in bytes/s with the current thread count: best of `reps` one-pass reads of a
+    buffer (kept by the benchmarks beside their own figures: decode speed is bounded by it)."""
+    import time
+
+    buf = np.ones(nbytes // 4096 * 4096, np.uint8)
+    read = _ext.read_probe if _ext is not None else np.sum
+    best = float("inf")
+    for _ in range(reps + 1):  # the first pass faults the pages in
+        t0 = time.perf_counter()
+        read(buf)
+        best = min(best, time.perf_counter() - t0)
+    return buf.nbytes / best
 
 
 def default_threads() -> int:

@@ -61,6 +61,14 @@ def _shape2(a: object, name: str) -> tuple[int, int]:
     return shape
 
 
+def _output(out: np.ndarray | None, shape: tuple[int, int], dtype: np.dtype) -> np.ndarray:
+    """`out` checked against the result's shape and dtype, or a new array for the result."""
+    if out is None:
+        return np.empty(shape, dtype)
+    _check_out(out, shape, dtype)
+    return out
+
+
 def _check_out(out: np.ndarray, shape: tuple[int, int], dtype: np.dtype) -> None:
     if getattr(out, "shape", None) != shape or getattr(out, "dtype", None) != dtype:
         raise ShapeError(
@@ -116,10 +124,7 @@ def ternary_matmul(
             raise ShapeError(f"w_scale: expected float32 ({n},), got {w_scale.dtype} {w_scale.shape}")
     else:
         w_scale = float(w_scale)
-    if out is None:
-        out = np.empty((m, n), _F32)
-    else:
-        _check_out(out, (m, n), _F32)
+    out = _output(out, (m, n), _F32)
     if _ext is None:
         out[...] = _ref.ternary_matmul(packed, xq, a_scale, sums, w_scale)
     else:
@@ -132,10 +137,7 @@ def ternary_matmul_i32(
 ) -> np.ndarray:
     """The exact int32 accumulator (m, n) = Σ_j w[r, j] · xq[i, j] (sums must be the row sums of xq)."""
     n, m, k_pad = _matmul_sizes(packed, xq)
-    if out is None:
-        out = np.empty((m, n), _I32)
-    else:
-        _check_out(out, (m, n), _I32)
+    out = _output(out, (m, n), _I32)
     if _ext is None:
         out[...] = _ref.ternary_matmul_i32(packed, xq, sums)
     else:
@@ -172,10 +174,7 @@ def q8_matmul(
     m, kx = _shape2(xq, "xq")
     if kx != k:
         raise ShapeError(f"q {q.shape} and xq {xq.shape} disagree on k")
-    if out is None:
-        out = np.empty((m, n), _F32)
-    else:
-        _check_out(out, (m, n), _F32)
+    out = _output(out, (m, n), _F32)
     if _ext is None:
         out[...] = _ref.q8_matmul(q, d, xq, xd)
     else:
@@ -240,10 +239,7 @@ def float_matmul(w: np.ndarray, x: np.ndarray, out: np.ndarray | None = None) ->
     code = _FLOAT_DTYPES.get(w.dtype)
     if code is None:
         raise ShapeError(f"w: expected float32, float16 or uint16 (bfloat16 bits), got {w.dtype}")
-    if out is None:
-        out = np.empty((m, n), _F32)
-    else:
-        _check_out(out, (m, n), _F32)
+    out = _output(out, (m, n), _F32)
     if _ext is None:
         out[...] = _ref.float_matmul(w, x)
     else:

@@ -219,7 +219,10 @@ INLINE void float_tile(const int dtype, const int NR, const int MT, const void *
     const char *pf = (const char *)w + (r + NR) * k * esize + PF_EXTRA;
     for (int64_t j = 0; j < k; j += 16) {
         const __mmask16 mk = k - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (k - j)) - 1);
-        for (int64_t p = 0; p < NR * 16 * esize; p += 64) _mm_prefetch(pf + j * NR * esize + p, PF_HINT);
+        for (int64_t p = 0; p < NR * 16 * esize; p += 64) {
+            _mm_prefetch(pf + j * NR * esize + p, PF_HINT);
+            _mm_prefetch(pf + PF_AGAIN + j * NR * esize + p, PF_HINT);
+        }
         __m512 wv[4];
         for (int rr = 0; rr < NR; rr++) wv[rr] = load_w(w, dtype, (r + rr) * k + j, mk);
         for (int t = 0; t < MT; t++) {

@@ -25,6 +25,19 @@ from ternlm import kernels
 from ternlm.kvcache import KVCache
 
 
+def bench_batch(model: ternlm.Model, batch: int, tg: int, prompt: int = 32) -> float:
+    """Aggregate decode tok/s of `batch` sequences stepped together with decode_batch."""
+    t = model.transformer
+    caches = [KVCache(model.config, prompt + tg + 1) for _ in range(batch)]
+    for j, cache in enumerate(caches):
+        t.forward((np.arange(prompt) + j) % model.config.vocab_size, cache, 0, last_only=True)
+    tokens = np.ones(batch, dtype=np.int64)
+    t0 = time.perf_counter()
+    for i in range(tg):
+        tokens = t.decode_batch(tokens, caches, [prompt + i] * batch).argmax(axis=-1)
+    return batch * tg / (time.perf_counter() - t0)
+
+
 def resident_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize()
@@ -107,6 +120,8 @@ def main() -> None:
     ap.add_argument("--tg", type=int, default=64)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--head", default="q8_0", help="output head precision: q8_0 or float")
+    ap.add_argument("--batch", type=int, nargs="*", default=[],
+                    help="also measure decode_batch with these numbers of sequences (aggregate tok/s)")
     args = ap.parse_args()
 
     rss_before = resident_bytes()
@@ -136,6 +151,10 @@ def main() -> None:
               f" = {tg_rate * gb:5.1f} GB/s of weights, {100 * tg_rate * gb / bw:.0f}% of the {bw:.1f} GB/s measured"
               f" (ceiling {bw / gb:.1f} tok/s) | python {100 * alone:.1f}% of a decode step alone, "
               f"{100 * outside:.1f}% of wall time outside kernels")
+        for b in args.batch:
+            rate = statistics.median(bench_batch(model, b, args.tg) for _ in range(args.reps))
+            print(f"ternlm {threads}T: batched decode of {b} sequences {rate:6.1f} tok/s in all "
+                  f"({rate / tg_rate:.2f} x one sequence)")
 
 
 if __name__ == "__main__":

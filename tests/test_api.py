@@ -111,3 +111,24 @@ def test_q8_head_is_close_to_float_head() -> None:
     assert np.mean(a.argmax(-1) == b.argmax(-1)) > 0.9
     with pytest.raises(ternlm.TernlmError, match="head"):
         ternlm.load(head="q3")
+
+
+def test_decode_batch_equals_separate_decodes(model: ternlm.Model) -> None:
+    """Three sequences at different positions decoded in one batch give each one's own logits."""
+    from ternlm.kvcache import KVCache
+
+    t = model.transformer
+    prompts = [[1, 2, 3, 4, 5], [9, 8], [7, 7, 7, 7, 7, 7, 7, 7]]
+    caches = [KVCache(model.config, 32) for _ in prompts]
+    for cache, prompt in zip(caches, prompts, strict=True):
+        t.forward(np.array(prompt), cache, 0)
+    alone = []
+    for prompt in prompts:
+        cache = KVCache(model.config, 32)
+        t.forward(np.array(prompt), cache, 0)
+        alone.append(t.forward(np.array([11]), cache, len(prompt))[0])
+    batched = t.decode_batch(np.array([11, 11, 11]), caches, [len(p) for p in prompts])
+    # Activations are quantized per token, so batching changes no rounding: equal up to float reordering.
+    np.testing.assert_allclose(batched, np.stack(alone), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ternlm.ShapeError):
+        t.decode_batch(np.array([1, 2]), caches, [1, 2, 3])

@@ -9,6 +9,7 @@ from threadpoolctl import threadpool_limits
 
 from ternlm import kernels
 from ternlm.config import ModelConfig
+from ternlm.errors import ShapeError
 from ternlm.kvcache import KVCache
 from ternlm.layers import FloatMatrix, Q8Matrix, Rope, TernaryLinear, quantize, rms_norm
 
@@ -57,33 +58,46 @@ class Transformer:
     def forward(self, tokens: np.ndarray, cache: KVCache, start: int, last_only: bool = False) -> np.ndarray:
         """Logits (t, vocab) for tokens (t,) at positions start..; with last_only, (1, vocab) for the last."""
         if len(tokens) == 1:
-            return self._forward(tokens, cache, start, last_only)
+            return self._forward(tokens, [cache], [start], last_only)
         # Prefill attention runs numpy matmuls; BLAS worker threads would spin on the cores that the
         # ternary kernels' threads need (measured: 2-thread prefill no faster than 1-thread).
         with threadpool_limits(1, user_api="blas"):
-            return self._forward(tokens, cache, start, last_only)
+            return self._forward(tokens, [cache], [start], last_only)
 
-    def _forward(self, tokens: np.ndarray, cache: KVCache, start: int, last_only: bool) -> np.ndarray:
+    def decode_batch(self, tokens: np.ndarray, caches: list[KVCache], positions: list[int]) -> np.ndarray:
+        """Logits (b, vocab) for one new token of each of b sequences, token j at positions[j] of caches[j].
+
+        Decode reads every weight once per step whatever the batch, so b sequences cost little more than one.
+        """
+        if not len(tokens) == len(caches) == len(positions):
+            raise ShapeError(f"decode_batch: {len(tokens)} tokens, {len(caches)} caches and {len(positions)} "
+                             "positions must be as many")
+        return self._forward(tokens, caches, positions, last_only=False)
+
+    def _forward(self, tokens: np.ndarray, caches: list[KVCache], starts: list[int], last_only: bool) -> np.ndarray:
+        # Either one sequence (one cache, t tokens from starts[0]) or b sequences with one token each.
         x = self.w.embed.rows(tokens)  # (t, dim)
         for i, layer in enumerate(self.w.layers):
-            x = self.block(x, layer, i, cache, start)
+            x = self.block(x, layer, i, caches, starts)
         if last_only:
             x = x[-1:]
         return self.w.head(rms_norm(x, self.w.norm, self.config.norm_eps))
 
-    def block(self, x: np.ndarray, w: LayerWeights, i: int, cache: KVCache, start: int) -> np.ndarray:
+    def block(self, x: np.ndarray, w: LayerWeights, i: int, caches: list[KVCache], starts: list[int]) -> np.ndarray:
         eps = self.config.norm_eps
-        h = x + self.attention(rms_norm(x, w.attn_norm, eps), w, i, cache, start)
+        h = x + self.attention(rms_norm(x, w.attn_norm, eps), w, i, caches, starts)
         return h + self.mlp(rms_norm(h, w.ffn_norm, eps), w)
 
-    def attention(self, x: np.ndarray, w: LayerWeights, i: int, cache: KVCache, start: int) -> np.ndarray:
+    def attention(self, x: np.ndarray, w: LayerWeights, i: int, caches: list[KVCache], starts: list[int]
+                  ) -> np.ndarray:
         c = self.config
         qkv = w.qkv(quantize(x))  # (t, q_dim + 2 kv_dim)
-        if len(qkv) == 1:  # decode: RoPE, the cache write and attention in one C call
-            out = kernels.attention_decode(qkv[0], cache.k[i], cache.v[i], start, self.rope.cos[start],
-                                           self.rope.sin[start], c.n_heads, self.scale, cache.scores)[None]
+        if len(qkv) == len(caches):  # one new token per sequence: RoPE, cache write and attention in C
+            out = np.stack([kernels.attention_decode(row, cache.k[i], cache.v[i], pos, self.rope.cos[pos],
+                                                     self.rope.sin[pos], c.n_heads, self.scale, cache.scores)
+                            for row, cache, pos in zip(qkv, caches, starts, strict=True)])
         else:
-            out = self.attention_prefill(qkv, i, cache, start)
+            out = self.attention_prefill(qkv, i, caches[0], starts[0])
         if w.attn_sub_norm is not None:
             out = rms_norm(out, w.attn_sub_norm, c.norm_eps)
         return w.o(quantize(out))

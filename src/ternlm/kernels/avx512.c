@@ -129,7 +129,7 @@ INLINE void gemv_tile(const int NR, const uint8_t *w, int64_t row_bytes, int64_t
 INLINE void gemm_tile(const int NR, const int MT, const uint8_t *w, int64_t row_bytes, int64_t nblk,
                       const int8_t *xq, int64_t k_pad, int64_t r, int64_t i, const int32_t *sums,
                       const float *a_scale, const float *w_scale, int64_t ws_stride, int64_t ldy, float *y,
-                      int32_t *acc_out) {
+                      int32_t *acc_out, int prefetch) {
     const __m512i m3 = _mm512_set1_epi8(3);
     __m512i acc[4][4];
     const uint8_t *wr[4];
@@ -139,7 +139,15 @@ INLINE void gemm_tile(const int NR, const int MT, const uint8_t *w, int64_t row_
         for (int t = 0; t < MT; t++) acc[rr][t] = _mm512_setzero_si512();
     }
     for (int t = 0; t < MT; t++) xr[t] = xq + (i + t) * k_pad;
+    /* The first token tile of a row tile streams the next row tile in, as gemv_tile does: with few
+     * tokens (batched decode) the GEMM is as memory-bound as the GEMV. */
+    const char *pf = (const char *)(w + (r + NR) * row_bytes) + PF_EXTRA;
     for (int64_t b = 0; b < nblk; b++) {
+        if (prefetch)
+            for (int rr = 0; rr < NR; rr++) {
+                _mm_prefetch(pf + (b * NR + rr) * 64, PF_HINT);
+                _mm_prefetch(pf + PF_AGAIN + (b * NR + rr) * 64, PF_HINT);
+            }
         __m512i raw[4];
         for (int rr = 0; rr < NR; rr++) raw[rr] = _mm512_loadu_si512(wr[rr] + b * 64);
         for (int q = 0; q < 4; q++) {
@@ -173,7 +181,8 @@ void tl_avx512_ternary(const uint8_t *w, int64_t k_pad, int64_t r0, int64_t r1, 
         return;
     }
 #define TILE(NR, MT)                                                                                     \
-    gemm_tile(NR, MT, w, row_bytes, nblk, xq, k_pad, r, i, sums, a_scale, w_scale, ws_stride, ldy, y, acc_out)
+    gemm_tile(NR, MT, w, row_bytes, nblk, xq, k_pad, r, i, sums, a_scale, w_scale, ws_stride, ldy, y, acc_out, \
+              i == i0)
 #define TOKENS(NR)                                                                                       \
     do {                                                                                                 \
         for (i = i0; i + 4 <= i1; i += 4) TILE(NR, 4);                                                   \

@@ -1,8 +1,9 @@
 """Build the ternlm.kernels._kernels C extension (metadata lives in pyproject.toml).
 
 One compile command for every file: ISA-specific code selects its instruction set with
-`#pragma GCC target` inside avx2.c / avx512.c and is picked at run time, so no -march flag is
-used and the wheel runs on any x86-64 (and builds scalar-only elsewhere).
+`#pragma GCC target` inside avx2.c / avx512.c / neon.c and is picked at run time, so no -march flag
+is used and the wheel runs on any x86-64 or aarch64 (each ISA file compiles to nothing on the other
+architecture; elsewhere the build is scalar-only).
 """
 
 import sys
@@ -26,7 +27,7 @@ if sys.platform == "win32":
 
 kernels = Extension(
     "ternlm.kernels._kernels",
-    sources=[f"{KERNELS}/{name}.c" for name in ("_kernels", "threads", "ref", "avx2", "avx512", "ops")],
+    sources=[f"{KERNELS}/{name}.c" for name in ("_kernels", "threads", "ref", "avx2", "avx512", "neon", "ops")],
     depends=[f"{KERNELS}/ternary.h"],
     include_dirs=[KERNELS],
     extra_compile_args=extra_compile_args,

@@ -6,6 +6,13 @@
 #include <stdatomic.h>
 #include <string.h>
 
+#if defined(__aarch64__) && defined(__linux__)
+#include <sys/auxv.h>
+#ifndef HWCAP_ASIMDDP /* glibc < 2.27 */
+#define HWCAP_ASIMDDP (1 << 20)
+#endif
+#endif
+
 #include "ternary.h"
 
 /* ==== 1. C API ================================================================================== */
@@ -16,6 +23,9 @@ static const tl_isa ISAS[] = {
     {"avx2", tl_avx2_quantize, tl_avx2_ternary, tl_avx2_float, tl_avx2_q8_quantize, tl_avx2_q8},
     {"avx512vnni", tl_avx512_quantize, tl_avx512_ternary, tl_avx512_float, tl_avx512_q8_quantize, tl_avx512_q8},
 #endif
+#if defined(__aarch64__)
+    {"neon", tl_neon_quantize, tl_neon_ternary, tl_neon_float, tl_neon_q8_quantize, tl_neon_q8},
+#endif
 };
 #define N_ISAS ((int)(sizeof(ISAS) / sizeof(ISAS[0])))
 
@@ -23,6 +33,19 @@ static const tl_isa *supported[N_ISAS]; /* (n_supported) best last */
 static int n_supported;
 static _Atomic(const tl_isa *) active;
 static pthread_once_t isa_once = PTHREAD_ONCE_INIT;
+
+#if defined(__aarch64__)
+/* neon.c needs the dot-product extension (sdot); NEON itself is baseline on aarch64. */
+static int has_dotprod(void) {
+#if defined(__linux__)
+    return (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) != 0;
+#elif defined(__ARM_FEATURE_DOTPROD)
+    return 1; /* the compiler's baseline already includes it (e.g. Apple arm64) */
+#else
+    return 0;
+#endif
+}
+#endif
 
 static void detect_isas(void) {
     for (int i = 0; i < N_ISAS; i++) {
@@ -35,6 +58,8 @@ static void detect_isas(void) {
             ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                  __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni") &&
                  __builtin_cpu_supports("f16c") && __builtin_cpu_supports("fma");
+#elif defined(__aarch64__)
+        if (strcmp(ISAS[i].name, "neon") == 0) ok = has_dotprod();
 #endif
         if (ok) supported[n_supported++] = &ISAS[i];
     }

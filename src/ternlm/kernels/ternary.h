@@ -92,13 +92,13 @@ int tl_attention_decode(const float *qkv, float *k_cache, float *v_cache, int64_
 int tl_set_threads(int n);
 int tl_get_threads(void);
 
-/* ISAs: "scalar", "avx2", "avx512vnni"; the best supported one is active by default. */
+/* ISAs: "scalar", "avx2", "avx512vnni" (x86-64), "neon" (aarch64); the best supported one is active by default. */
 int tl_isa_count(void);            /* number supported by this CPU */
 const char *tl_isa_name(int i);    /* i-th supported, best last; NULL if out of range */
 int tl_set_isa(const char *name);  /* TL_EISA if unknown or unsupported */
 const char *tl_active_isa(void);
 
-/* ---- internal: per-ISA kernels with one signature each (ref.c, avx2.c, avx512.c) ----------------
+/* ---- internal: per-ISA kernels with one signature each (ref.c, avx2.c, avx512.c, neon.c) ----------------
  * Sizes are already validated. Ternary/float kernels compute output columns [r0, r1) of y (ldy = n)
  * for all m rows; the caller splits [0, n) across threads in multiples of TL_ROW_TILE. */
 #define TL_ROW_TILE 4
@@ -158,6 +158,20 @@ void tl_avx512_q8(const int8_t *w, const uint16_t *wd, int64_t k, int64_t r0, in
                   const float *xd, int64_t m, int64_t ldy, float *y);
 void tl_avx512_float(const void *w, int dtype, int64_t k, int64_t r0, int64_t r1, const float *x, int64_t m,
                      int64_t ldy, float *y);
+#endif
+
+#if defined(__aarch64__)
+/* neon.c: NEON + dot product (ARMv8.2-A dotprod), detected at run time */
+void tl_neon_quantize(const float *x, int64_t m, int64_t k, int64_t k_pad, int8_t *xq, float *a_scale,
+                      int32_t *sums);
+void tl_neon_ternary(const uint8_t *w, int64_t k_pad, int64_t r0, int64_t r1, const int8_t *xq,
+                     const int32_t *sums, const float *a_scale, const float *w_scale, int64_t ws_stride,
+                     int64_t m, int64_t ldy, float *y, int32_t *acc_out);
+void tl_neon_q8_quantize(const float *x, int64_t m, int64_t k, int8_t *xq, float *xd);
+void tl_neon_q8(const int8_t *w, const uint16_t *wd, int64_t k, int64_t r0, int64_t r1, const int8_t *xq,
+                const float *xd, int64_t m, int64_t ldy, float *y);
+void tl_neon_float(const void *w, int dtype, int64_t k, int64_t r0, int64_t r1, const float *x, int64_t m,
+                   int64_t ldy, float *y);
 #endif
 
 /* ---- internal: thread pool (threads.c) ---------------------------------------------------------- */

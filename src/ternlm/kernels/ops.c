@@ -2,9 +2,8 @@
  * calls per layer instead of dozens of numpy calls: RMSNorm, the gated FFN activation, and attention
  * of one new token over the KV cache (with RoPE and the cache write).
  *
- * Plain C written so gcc vectorizes it (16 independent lanes, no reassociation needed); on x86 each
- * entry point is also cloned for AVX-512 and AVX2 (helpers are inlined into every clone) and the
- * loader picks the clone at run time. */
+ * Portable C with gcc's generic 16-float vectors; on x86 each entry point is cloned for AVX-512 and
+ * AVX2 (helpers are inlined into every clone) and the loader picks the clone at run time. */
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
@@ -17,17 +16,34 @@
 #define CLONES
 #endif
 
-#define LANES 16
+#pragma GCC diagnostic ignored "-Wpsabi" /* 64-byte vectors only cross always-inlined helpers */
 #define INLINE static inline __attribute__((always_inline))
 
+/* 16 floats as one value: one zmm register in the AVX-512 clone, two ymm in the AVX2 one. */
+typedef float v16 __attribute__((vector_size(64)));
+typedef int v16i __attribute__((vector_size(64)));
+
+INLINE v16 load16(const float *p) {
+    v16 v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+/* Horizontal sum as a tree of shuffles (depth 4) rather than 15 dependent adds. */
+INLINE float hsum16(v16 v) {
+    v += __builtin_shuffle(v, (v16i){8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
+    v += __builtin_shuffle(v, (v16i){4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11});
+    v += __builtin_shuffle(v, (v16i){2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13});
+    v += __builtin_shuffle(v, (v16i){1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14});
+    return v[0];
+}
+
 INLINE float dot(const float *a, const float *b, int64_t n) {
-    float acc[LANES] = {0};
+    v16 acc = {0};
     int64_t j = 0;
-    for (; j + LANES <= n; j += LANES)
-        for (int l = 0; l < LANES; l++) acc[l] += a[j + l] * b[j + l];
-    float s = 0.0f;
+    for (; j + 16 <= n; j += 16) acc += load16(a + j) * load16(b + j);
+    float s = hsum16(acc);
     for (; j < n; j++) s += a[j] * b[j];
-    for (int l = 0; l < LANES; l++) s += acc[l];
     return s;
 }
 
@@ -53,17 +69,24 @@ INLINE float exp_nonpositive(float x) {
     return p * two_n;
 }
 
-#define VCHUNK 64
-
-/* out (hd) = sum_s p[s] * values[s] (len, hd): 64 output columns at a time held in registers across
- * all positions, instead of a load and store of the output row per position. */
+/* out (hd) = sum_s p[s] * values[s] (len, hd): 64 output columns at a time held in four vector
+ * registers across all positions, instead of a load and store of the output row per position. */
 INLINE void weigh_values(const float *p, const float *values, int64_t len, int hd, float *out) {
     int d0 = 0;
-    for (; d0 + VCHUNK <= hd; d0 += VCHUNK) {
-        float acc[VCHUNK] = {0};
-        for (int64_t s = 0; s < len; s++)
-            for (int l = 0; l < VCHUNK; l++) acc[l] += p[s] * values[s * hd + d0 + l];
-        memcpy(out + d0, acc, sizeof acc);
+    for (; d0 + 64 <= hd; d0 += 64) {
+        v16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+        for (int64_t s = 0; s < len; s++) {
+            const float *v = values + s * hd + d0;
+            const v16 ps = (v16){0} + p[s];
+            a0 += ps * load16(v);
+            a1 += ps * load16(v + 16);
+            a2 += ps * load16(v + 32);
+            a3 += ps * load16(v + 48);
+        }
+        memcpy(out + d0, &a0, sizeof a0);
+        memcpy(out + d0 + 16, &a1, sizeof a1);
+        memcpy(out + d0 + 32, &a2, sizeof a2);
+        memcpy(out + d0 + 48, &a3, sizeof a3);
     }
     for (; d0 < hd; d0++) {
         float acc = 0.0f;

@@ -58,8 +58,8 @@ def bench(model: ternlm.Model, pp: int, tg: int) -> tuple[float, float]:
     return pp / (t1 - t0), tg / (t2 - t1)
 
 
-KERNELS = ("quantize_activations", "ternary_matmul", "float_matmul", "quantize_act_q8_0", "q8_matmul", "rmsnorm",
-           "glu", "attention_decode")
+KERNELS = ("quantize_activations", "ternary_matmul", "float_matmul", "quantize_act_q8_0", "q8_matmul", "q4_matmul",
+           "rmsnorm", "glu", "attention_decode")
 
 
 def python_overhead(model: ternlm.Model, steps: int = 16) -> tuple[float, float]:
@@ -119,7 +119,7 @@ def main() -> None:
     ap.add_argument("--pp", type=int, default=128)
     ap.add_argument("--tg", type=int, default=64)
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--head", default="q8_0", help="output head precision: q8_0 or float")
+    ap.add_argument("--head", default="q8_0", help="output head precision: q8_0, q4_0 or float")
     ap.add_argument("--batch", type=int, nargs="*", default=[],
                     help="also measure decode_batch with these numbers of sequences (aggregate tok/s)")
     args = ap.parse_args()

@@ -3,8 +3,8 @@
     python benchmarks/bench_kernels.py [--layers 30] [--reps 5] [--gemm 128,512] [--no-f16]
 
 Decode: one token = per layer the four fused ternary GEMVs qkv 3840x2560, o 2560x2560, gate|up 13824x2560,
-down 2560x6912 (one call each, per-row scales), then the 128256x2560 LM head in Q8_0 (and in F16 for
-comparison). Printed as GB/s of weights read and as % of the DRAM bandwidth measured in the same run by
+down 2560x6912 (one call each, per-row scales), then the 128256x2560 LM head in Q8_0 (and in Q4_0 and F16
+for comparison). Printed as GB/s of weights read and as % of the DRAM bandwidth measured in the same run by
 a one-pass read of a 1 GiB buffer on the same threads. Prefill: int8 GOPS of the fused GEMMs at m tokens.
 Every figure is the median of --reps runs.
 """
@@ -54,6 +54,8 @@ def main() -> None:
     hq = rng.integers(-127, 128, size=HEAD, dtype=np.int8)
     hd = rng.uniform(1e-3, 2e-3, size=(HEAD[0], HEAD[1] // 32)).astype(np.float16)
     q8_bytes = hq.nbytes + hd.nbytes
+    hq4 = rng.integers(0, 256, size=(HEAD[0], HEAD[1] // 2), dtype=np.uint8)
+    q4_bytes = hq4.nbytes + hd.nbytes
     hf16 = None if args.no_f16 else rng.standard_normal(HEAD, dtype=np.float32).astype(np.float16)
     probe = np.ones(1 << 30, np.uint8)
     acts = {k: K.quantize_activations(rng.standard_normal((1, k)).astype(np.float32)) for k in (2560, 6912)}
@@ -62,7 +64,8 @@ def main() -> None:
     hx = K.quantize_act_q8_0(x_head)
     y_head = np.empty((1, HEAD[0]), np.float32)
     print(f"{platform.processor() or platform.machine()}, ISA {K.active_isa()}, {args.layers} layers: "
-          f"ternary {tern_bytes / 1e6:.0f} MB ({4 * args.layers} calls), head Q8_0 {q8_bytes / 1e6:.0f} MB"
+          f"ternary {tern_bytes / 1e6:.0f} MB ({4 * args.layers} calls), head Q8_0 {q8_bytes / 1e6:.0f} MB, "
+          f"Q4_0 {q4_bytes / 1e6:.0f} MB"
           + ("" if hf16 is None else f", F16 {hf16.nbytes / 1e6:.0f} MB"))  # fmt: skip
 
     def ternary_step() -> None:
@@ -73,6 +76,9 @@ def main() -> None:
 
     def q8_head() -> None:
         K.q8_matmul(hq, hd, hx[0], hx[1], out=y_head)
+
+    def q4_head() -> None:
+        K.q4_matmul(hq4, hd, hx[0], hx[1], out=y_head)
 
     def f16_head() -> None:
         K.float_matmul(hf16, x_head, out=y_head)
@@ -101,6 +107,7 @@ def main() -> None:
         print(f"{threads} thread(s): read probe {bw / 1e9:.1f} GB/s (1 GiB, one pass)")
         report("ternary layers", ternary_step, tern_bytes)
         report("head Q8_0", q8_head, q8_bytes)
+        report("head Q4_0", q4_head, q4_bytes)
         if hf16 is not None:
             report("head F16", f16_head, hf16.nbytes)
         report("decode step (ternary + Q8_0)", decode_step, tern_bytes + q8_bytes)

@@ -6,7 +6,7 @@
  *   qemu-aarch64 -cpu max ./neon_driver [seed]
  *
  * Bit-identical: activation quantization (xq, a_scale, sums), the ternary int32 accumulators and the
- * scaled ternary output, Q8_0 quantization and the Q8_0 matmul (fixed 16-lane float order). Float
+ * scaled ternary output, Q8_0 quantization and the Q8_0 and Q4_0 matmuls (fixed 16-lane float order). Float
  * matmul sums in another order: |y - ref| <= 1e-5 * sum |x| |w| + 1e-30, as in test_kernels.py.
  * Exit status 0 if all agree, 1 on any mismatch, 77 if the CPU lacks the dot-product extension. */
 #include <math.h>
@@ -243,6 +243,34 @@ static void test_q8(int cases) {
     }
 }
 
+/* ---- Q4_0 ------------------------------------------------------------------------------------ */
+
+static void test_q4(int cases) {
+    /* k / 32 blocks: 1, 2, 3 (< one quad), 5, 7, 17 (> 16 lanes, not a multiple of 4), 33, 80 */
+    static const int64_t ks[] = {32, 64, 96, 160, 224, 544, 1056, 2560};
+    for (int c = 0; c < cases; c++) {
+        const int64_t k = ks[c % 8], nb = k / TL_QBLOCK, m = c % 3 == 0 ? 1 : rand_int(2, 5), n = rand_int(1, 11);
+        float *x = xmalloc((size_t)(m * k) * 4), *xd = xmalloc((size_t)(m * nb) * 4);
+        int8_t *xq = xmalloc((size_t)(m * k));
+        uint8_t *w = xmalloc((size_t)(n * k / 2));
+        uint16_t *wd = xmalloc((size_t)(n * nb) * 2);
+        for (int64_t j = 0; j < m * k; j++) x[j] = rand_normal();
+        x[rand_int(0, m * k - 1)] *= 100.0f;
+        tl_ref_q8_quantize(x, m, k, xq, xd);
+        /* any nibble, 0 (q = -8) and 15 included; every 5th case all 0 (the most negative) */
+        for (int64_t j = 0; j < n * k / 2; j++) w[j] = (uint8_t)(c % 5 == 4 ? 0 : rand_int(0, 255));
+        for (int64_t j = 0; j < n * nb; j++)
+            wd[j] = j % 13 == 7 ? (uint16_t)rand_int(1, 0x3ff) : f32_to_f16(rand_normal() * 1e-2f);
+        float *y0 = xmalloc((size_t)(m * n) * 4), *y1 = xmalloc((size_t)(m * n) * 4);
+        tl_ref_q4(w, wd, k, 0, n, xq, xd, m, n, y0);
+        const int64_t split = n > TL_ROW_TILE ? TL_ROW_TILE : n;
+        tl_neon_q4(w, wd, k, 0, split, xq, xd, m, n, y1);
+        tl_neon_q4(w, wd, k, split, n, xq, xd, m, n, y1);
+        check(!memcmp(y0, y1, (size_t)(m * n) * 4), "q4 matmul", m, n, k);
+        free(x), free(xd), free(xq), free(w), free(wd), free(y0), free(y1);
+    }
+}
+
 int main(int argc, char **argv) {
     if (!(getauxval(AT_HWCAP) & HWCAP_ASIMDDP)) {
         printf("neon_driver: CPU lacks the dot-product extension (run qemu-aarch64 -cpu max)\n");
@@ -260,7 +288,9 @@ int main(int argc, char **argv) {
     test_float(60);
     const int f = n_checks;
     test_q8(70);
-    printf("neon_driver: %d checks (quantize %d, ternary %d, float %d, q8_0 %d), %d mismatches\n", n_checks, q,
-           t - q, f - t, n_checks - f, n_fail);
+    const int q8 = n_checks;
+    test_q4(80);
+    printf("neon_driver: %d checks (quantize %d, ternary %d, float %d, q8_0 %d, q4_0 %d), %d mismatches\n",
+           n_checks, q, t - q, f - t, q8 - f, n_checks - q8, n_fail);
     return n_fail ? 1 : 0;
 }

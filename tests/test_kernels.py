@@ -277,6 +277,92 @@ def test_q8_bad_inputs():
             K._ext.q8_matmul(q, d, 8, 48, xq, xd, 2, np.empty((2, 8), np.float32))
 
 
+# ---- Q4_0 head ----------------------------------------------------------------------------------
+
+# tails of a 512-column AVX-512 group of 0-3, 5-7, 10 and 15 blocks (full and partial 4-block chunks)
+Q4_SHAPES = [*Q8_SHAPES, (1, 13, 160), (3, 7, 192), (1, 6, 224), (1, 11, 320), (2, 9, 736), (1, 4, 992),
+             (5, 7, 480), (4, 5, 2560)]
+
+
+def test_q4_format():
+    """Values in [-7, 7], d = f16(amax / 7), nibbles u = q + 8: low = first 16 columns of a block."""
+    rng = np.random.default_rng(70)
+    w = (rng.standard_normal((5, 96)) * 0.05).astype(np.float32)
+    w[1, :32] = 0.0  # an all-zero block: d = 0, q = 0
+    q4, d = T.quantize_q4_0(w)
+    assert q4.dtype == np.uint8 and q4.shape == (5, 48) and d.dtype == np.float16 and d.shape == (5, 3)
+    q = T.unpack_q4_0(q4)
+    assert q.min() >= -7 and q.max() <= 7 and d[1, 0] == 0 and not q[1, :32].any()
+    np.testing.assert_array_equal(d, (np.abs(w.reshape(5, 3, 32)).max(axis=2) / 7).astype(np.float16))
+    np.testing.assert_array_equal(q4[:, :16] & 15, q[:, :16] + 8)
+    np.testing.assert_array_equal(q4[:, :16] >> 4, q[:, 16:32] + 8)
+    err = T.dequantize_q4_0(q4, d) - w
+    assert (np.abs(err).reshape(5, 3, 32) <= d.astype(np.float32)[:, :, None] * 0.5 + 1e-6).all()
+
+
+def test_q4_matmul_bit_identical(isa, threads):
+    """Bit-identical to numpy (the float order of q8_matmul), n not a multiple of the row tile, m >= 1."""
+    rng = np.random.default_rng(71 + threads)
+    for m, n, k in Q4_SHAPES:
+        w = (rng.standard_normal((n, k)) * 0.05).astype(np.float32)
+        q4, d = T.quantize_q4_0(w)
+        x = rng.standard_normal((m, k)).astype(np.float32)
+        x[:, rng.integers(0, k)] *= 100.0
+        xq, xd = K.quantize_act_q8_0(x)
+        y = K.q4_matmul(q4, d, xq, xd)
+        assert y.dtype == np.float32 and y.shape == (m, n)
+        np.testing.assert_array_equal(y.view(np.uint32), T.q4_matmul(q4, d, xq, xd).view(np.uint32))
+
+
+def test_q4_block_dots_integer_exact(isa):
+    """Scales 1: the exact integer sum, for any nibble (0 included, i.e. q = -8) and xq = ±127."""
+    rng = np.random.default_rng(72)
+    for m, n, k in Q4_SHAPES:
+        q4 = rng.integers(0, 256, size=(n, k // 2), dtype=np.uint8)
+        q4[0] = 0  # q = -8 everywhere
+        xq = rng.integers(-127, 128, size=(m, k), dtype=np.int8)
+        xq[0, : k // 2] = 127
+        exact = xq.astype(np.int64) @ T.unpack_q4_0(q4).T.astype(np.int64)
+        ones_w, ones_x = np.ones((n, k // 32), np.float16), np.ones((m, k // 32), np.float32)
+        np.testing.assert_array_equal(K.q4_matmul(q4, ones_w, xq, ones_x), exact.astype(np.float32))
+
+
+def test_q4_reference_close_to_float():
+    rng = np.random.default_rng(73)
+    w = (rng.standard_normal((20, 256)) * 0.05).astype(np.float32)
+    q4, d = T.quantize_q4_0(w)
+    x = rng.standard_normal((3, 256)).astype(np.float32)
+    y = T.q4_matmul(q4, d, *T.quantize_act_q8_0(x))
+    ref = x @ T.dequantize_q4_0(q4, d).T
+    assert np.abs(y - ref).max() <= 0.02 * np.abs(ref).max()
+    assert np.abs(y - x @ w.T).max() <= 0.2 * np.abs(x @ w.T).max()
+
+
+def test_q4_bad_inputs():
+    rng = np.random.default_rng(74)
+    q4, d = T.quantize_q4_0((rng.standard_normal((8, 64))).astype(np.float32))
+    xq, xd = K.quantize_act_q8_0(rng.standard_normal((2, 64)).astype(np.float32))
+    with pytest.raises(ShapeError):
+        T.quantize_q4_0(np.ones((2, 40), np.float32))  # k not a multiple of 32
+    for args in [
+        (q4.view(np.int8), d, xq, xd),
+        (q4, d.astype(np.float32), xq, xd),
+        (q4, d[:, :1], xq, xd),
+        (q4, d, xq[:, :32], xd),
+        (q4[:, :16], d, xq, xd),
+        (q4, d, xq, xd[:, :1]),
+        (q4, d, xq, xd.astype(np.float64)),
+        (q4[:, ::2], d, xq[:, :32], xd),
+    ]:
+        with pytest.raises(ShapeError):
+            K.q4_matmul(*args)
+    with pytest.raises(ShapeError):
+        K.q4_matmul(q4, d, xq, xd, out=np.empty((2, 7), np.float32))
+    if K._ext is not None:
+        with pytest.raises(ShapeError):  # the C layer checks k itself
+            K._ext.q4_matmul(q4, d, 8, 48, xq, xd, 2, np.empty((2, 8), np.float32))
+
+
 # ---- threads -------------------------------------------------------------------------------------
 
 

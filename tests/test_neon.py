@@ -50,7 +50,7 @@ needs_aarch64 = pytest.mark.skipif(isinstance(TOOLCHAIN, str), reason=str(TOOLCH
 @pytest.mark.parametrize("seed", [1234, 98765])
 def test_neon_matches_ref(tmp_path: Path, seed: int) -> None:
     """Random shapes (k not a multiple of 256, n not a multiple of the row tile, m = 1 and m > 1):
-    quantization, ternary and Q8_0 bit-identical, float matmul within the usual bound."""
+    quantization, ternary, Q8_0 and Q4_0 bit-identical, float matmul within the usual bound."""
     cc, runner = TOOLCHAIN
     exe = tmp_path / "neon_driver"
     srcs = [str(DRIVER)] + [str(KERNELS / f"{name}.c") for name in ("ref", "neon", "threads")]

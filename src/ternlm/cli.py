@@ -27,7 +27,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-c", "--ctx", type=int, default=_env("ctx", None, int),
                    help="context length in tokens (env TERNLM_CTX; default: the model's maximum)")
     p.add_argument("--head", choices=HEAD_TYPES, default=_env("head", "q8_0"),
-                   help="output head precision: q8_0, or float as stored (env TERNLM_HEAD; default q8_0)")
+                   help="output head precision: q8_0, q4_0, or float as stored (env TERNLM_HEAD; default q8_0)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:

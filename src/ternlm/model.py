@@ -9,9 +9,9 @@ from threadpoolctl import threadpool_limits
 
 from ternlm import kernels
 from ternlm.config import ModelConfig
-from ternlm.errors import ShapeError
+from ternlm.errors import ParamError, ShapeError
 from ternlm.kvcache import KVCache
-from ternlm.layers import FloatMatrix, Q8Matrix, Rope, TernaryLinear, quantize, rms_norm
+from ternlm.layers import FloatMatrix, Q4Matrix, Q8Matrix, Rope, TernaryLinear, quantize, rms_norm
 
 
 @dataclass
@@ -31,17 +31,21 @@ class LayerWeights:
 
 @dataclass
 class ModelWeights:
-    embed: FloatMatrix | Q8Matrix  # (vocab, dim)
+    embed: FloatMatrix | Q8Matrix | Q4Matrix  # (vocab, dim)
     norm: np.ndarray  # (dim,)
-    head: FloatMatrix | Q8Matrix  # (vocab, dim): the embedding itself when tied
+    head: FloatMatrix | Q8Matrix | Q4Matrix  # (vocab, dim): the embedding itself when tied
     layers: list[LayerWeights]
 
-    def quantize_head(self) -> None:
-        """Store the output head as Q8_0 (and the embedding with it when they are tied)."""
-        if isinstance(self.head, Q8Matrix) or self.head.shape[1] % 32:
+    def quantize_head(self, kind: str = "q8_0") -> None:
+        """Store the output head as Q8_0 or Q4_0 (kind "q8_0" | "q4_0"), and the embedding with it when
+        they are tied. A head that is already quantized, or whose width is not a multiple of 32, stays."""
+        cls = {"q8_0": Q8Matrix, "q4_0": Q4Matrix}.get(kind)
+        if cls is None:
+            raise ParamError(f"head quantization must be \"q8_0\" or \"q4_0\", got {kind!r}")
+        if not isinstance(self.head, FloatMatrix) or self.head.shape[1] % 32:
             return
         tied = self.head is self.embed
-        self.head = Q8Matrix.from_float(self.head)
+        self.head = cls.from_float(self.head)
         if tied:
             self.embed = self.head
 

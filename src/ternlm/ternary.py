@@ -286,6 +286,63 @@ def q8_matmul(q: np.ndarray, d: np.ndarray, xq: np.ndarray, xd: np.ndarray) -> n
     return acc[:, :, 0]
 
 
+# ---- Q4_0 (the smaller quantized LM head) ---------------------------------------------------------
+# Weights: symmetric 4-bit, per 32-column block q in [-7, 7] with a float16 scale d = f16(max|w| / 7),
+# w ≈ q * d (no -8: the grid stays symmetric, like Q8_0's [-127, 127]). Stored as nibbles u = q + 8
+# in [1, 15], q4 uint8 (n, k // 2): byte j (0..15) of block b holds column 32b + j in its low nibble
+# and column 32b + 16 + j in its high nibble, so one 16-byte load unpacks (& 0xF, >> 4) to the two
+# contiguous 16-column halves of the block. Activations are Q8_0; block dots are
+# isum = sum u * xq - 8 * sum xq (exact), then the float order of q8_matmul.
+
+
+def quantize_q4_0(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_0 weights: w float32 (n, k) -> (q4 uint8 (n, k // 2) packed nibbles, d float16 (n, k // 32)).
+
+    ``d = float16(max|w_block| / 7)``; q = clamp(rint(w / d), -7, 7) with the stored d (a block whose d
+    rounds to 0 gets q = 0), packed as q + 8 (see the layout note above).
+    """
+    n, k = _check_qblock(np.asarray(w, dtype=np.float32), "w", np.float32)
+    blocks = np.asarray(w, dtype=np.float32).reshape(n, k // QBLOCK, QBLOCK)
+    d = (np.abs(blocks).max(axis=2) / np.float32(7)).astype(np.float16)
+    d32 = d.astype(np.float32)[:, :, None]
+    q = np.divide(blocks, d32, out=np.zeros_like(blocks), where=d32 > 0)
+    u = (np.clip(np.rint(q), -7, 7) + 8).astype(np.uint8)
+    q4 = u[:, :, :16] | (u[:, :, 16:] << 4)
+    return q4.reshape(n, k // 2), d
+
+
+def unpack_q4_0(q4: np.ndarray) -> np.ndarray:
+    """int8 (n, k) values in [-7, 7] (or -8 for a zero nibble) of packed q4 uint8 (n, k // 2)."""
+    _check_2d(q4, "q4", np.uint8)
+    n, half = q4.shape
+    if half % (QBLOCK // 2) != 0:
+        raise ShapeError(f"q4: {half} bytes per row is not a multiple of {QBLOCK // 2}")
+    b = q4.reshape(n, -1, QBLOCK // 2)
+    u = np.concatenate([b & 0xF, b >> 4], axis=2)
+    return (u.astype(np.int8) - 8).reshape(n, 2 * half)
+
+
+def dequantize_q4_0(q4: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """float32 (n, k) = q * d, each scale applied to its 32-column block."""
+    q = unpack_q4_0(q4)
+    n, k = q.shape
+    if d.shape != (n, k // QBLOCK):
+        raise ShapeError(f"d: expected shape ({n}, {k // QBLOCK}), got {d.shape}")
+    return (q.reshape(n, -1, QBLOCK).astype(np.float32) * d.astype(np.float32)[:, :, None]).reshape(n, k)
+
+
+def q4_matmul(q4: np.ndarray, d: np.ndarray, xq: np.ndarray, xd: np.ndarray) -> np.ndarray:
+    """y float32 (m, n) from Q4_0 weights and Q8_0 activations: q8_matmul of the unpacked values.
+
+    Same fixed float order as ``q8_matmul`` (every C kernel reproduces it bit for bit).
+    """
+    _check_2d(q4, "q4", np.uint8)
+    _check_2d(xq, "xq", np.int8)
+    if 2 * q4.shape[1] != xq.shape[1]:
+        raise ShapeError(f"q4 {q4.shape} and xq {xq.shape} disagree on k (q4 holds k / 2 bytes per row)")
+    return q8_matmul(unpack_q4_0(q4), d, xq, xd)
+
+
 # ---- float ops of a transformer block: the references of kernels/ops.c ---------------------------
 
 ACTIVATIONS = {"relu2": 0, "silu": 1}

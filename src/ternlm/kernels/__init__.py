@@ -36,6 +36,7 @@ __all__ = [
     "float_matmul",
     "get_threads",
     "glu",
+    "q4_matmul",
     "q8_matmul",
     "quantize_act_q8_0",
     "quantize_activations",
@@ -179,6 +180,25 @@ def q8_matmul(
         out[...] = _ref.q8_matmul(q, d, xq, xd)
     else:
         _ext.q8_matmul(q, d, n, k, xq, xd, m, out)
+    return out
+
+
+def q4_matmul(
+    q4: np.ndarray, d: np.ndarray, xq: np.ndarray, xd: np.ndarray, out: np.ndarray | None = None
+) -> np.ndarray:
+    """y float32 (m, n) from Q4_0 weights q4 uint8 (n, k // 2), d float16 (n, k // 32) and Q8_0 activations.
+
+    Bit-identical to ``ternlm.ternary.q4_matmul`` on every ISA (the float order of ``q8_matmul``).
+    """
+    n, half = _shape2(q4, "q4")
+    m, k = _shape2(xq, "xq")
+    if 2 * half != k:
+        raise ShapeError(f"q4 {q4.shape} and xq {xq.shape} disagree on k (q4 holds k / 2 bytes per row)")
+    out = _output(out, (m, n), _F32)
+    if _ext is None:
+        out[...] = _ref.q4_matmul(q4, d, xq, xd)
+    else:
+        _ext.q4_matmul(q4, d, n, k, xq, xd, m, out)
     return out
 
 

@@ -18,13 +18,14 @@
 /* ==== 1. C API ================================================================================== */
 
 static const tl_isa ISAS[] = {
-    {"scalar", tl_ref_quantize, tl_ref_ternary, tl_ref_float, tl_ref_q8_quantize, tl_ref_q8},
+    {"scalar", tl_ref_quantize, tl_ref_ternary, tl_ref_float, tl_ref_q8_quantize, tl_ref_q8, tl_ref_q4},
 #if defined(__x86_64__)
-    {"avx2", tl_avx2_quantize, tl_avx2_ternary, tl_avx2_float, tl_avx2_q8_quantize, tl_avx2_q8},
-    {"avx512vnni", tl_avx512_quantize, tl_avx512_ternary, tl_avx512_float, tl_avx512_q8_quantize, tl_avx512_q8},
+    {"avx2", tl_avx2_quantize, tl_avx2_ternary, tl_avx2_float, tl_avx2_q8_quantize, tl_avx2_q8, tl_avx2_q4},
+    {"avx512vnni", tl_avx512_quantize, tl_avx512_ternary, tl_avx512_float, tl_avx512_q8_quantize, tl_avx512_q8,
+     tl_avx512_q4},
 #endif
 #if defined(__aarch64__)
-    {"neon", tl_neon_quantize, tl_neon_ternary, tl_neon_float, tl_neon_q8_quantize, tl_neon_q8},
+    {"neon", tl_neon_quantize, tl_neon_ternary, tl_neon_float, tl_neon_q8_quantize, tl_neon_q8, tl_neon_q4},
 #endif
 };
 #define N_ISAS ((int)(sizeof(ISAS) / sizeof(ISAS[0])))
@@ -104,7 +105,7 @@ const char *tl_strerror(int status) {
     case TL_EDTYPE: return "unknown float weight dtype";
     case TL_ETHREADS: return "thread count out of range";
     case TL_EISA: return "unknown ISA, or not supported by this CPU";
-    case TL_EQBLOCK: return "k is not a multiple of the Q8_0 block (32)";
+    case TL_EQBLOCK: return "k is not a multiple of the Q8_0 / Q4_0 block (32)";
     default: return "unknown error";
     }
 }
@@ -218,6 +219,31 @@ int tl_q8_matmul(const int8_t *w, const uint16_t *wd, int64_t n, int64_t k, cons
     if (!product_ok(n, k) || !product_ok(m, k) || !product_ok(m, n)) return TL_ERANGE;
     q8_job job = {isa()->q8, w, wd, n, k, m, xq, xd, y};
     return tl_parallel_for(n, row_grain(k + k / TL_QBLOCK * 2, m), q8_range, &job);
+}
+
+typedef struct {
+    tl_q4_fn fn;
+    const uint8_t *w;
+    const uint16_t *wd;
+    int64_t n, k, m;
+    const int8_t *xq;
+    const float *xd;
+    float *y;
+} q4_job;
+
+static void q4_range(void *p, int64_t r0, int64_t r1) {
+    const q4_job *j = p;
+    j->fn(j->w, j->wd, j->k, r0, r1, j->xq, j->xd, j->m, j->n, j->y);
+}
+
+int tl_q4_matmul(const uint8_t *w, const uint16_t *wd, int64_t n, int64_t k, const int8_t *xq, const float *xd,
+                 int64_t m, float *y) {
+    if (!w || !wd || !xq || !xd || !y) return TL_ENULL;
+    if (n <= 0 || k <= 0 || m <= 0) return TL_ESIZE;
+    if (k % TL_QBLOCK != 0) return TL_EQBLOCK;
+    if (!product_ok(n, k) || !product_ok(m, k) || !product_ok(m, n)) return TL_ERANGE;
+    q4_job job = {isa()->q4, w, wd, n, k, m, xq, xd, y};
+    return tl_parallel_for(n, row_grain(k / 2 + k / TL_QBLOCK * 2, m), q4_range, &job);
 }
 
 /* ---- a read-bandwidth probe (benchmarks): one pass over a buffer, split like a matmul's rows ---- */
@@ -504,6 +530,42 @@ fail_w:
     return NULL;
 }
 
+/* q4_matmul(q4, wd, n, k, xq, xd, m, y) */
+static PyObject *py_q4_matmul(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    int64_t s[3];
+    if (check_nargs(nargs, 8, "q4_matmul") || get_i64(args[2], "n", &s[0]) || get_i64(args[3], "k", &s[1]) ||
+        get_i64(args[6], "m", &s[2]) || check_sizes(3, s, "q4_matmul") || check_qblock(s[1], "q4_matmul"))
+        return NULL;
+    const int64_t n = s[0], k = s[1], m = s[2];
+    Py_buffer w, wd, xq, xd, y;
+    if (get_buf(args[0], "q4", 'B', 1, cnt(n, k / 2), 0, &w)) return NULL;
+    if (get_buf(args[1], "d", 'e', 2, cnt(n, k / TL_QBLOCK), 0, &wd)) goto fail_w;
+    if (get_buf(args[4], "xq", 'b', 1, cnt(m, k), 0, &xq)) goto fail_wd;
+    if (get_buf(args[5], "xd", 'f', 4, cnt(m, k / TL_QBLOCK), 0, &xd)) goto fail_xq;
+    if (get_buf(args[7], "out", 'f', 4, cnt(m, n), 1, &y)) goto fail_xd;
+    int st;
+    Py_BEGIN_ALLOW_THREADS
+    st = tl_q4_matmul(w.buf, wd.buf, n, k, xq.buf, xd.buf, m, y.buf);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&y);
+    PyBuffer_Release(&xd);
+    PyBuffer_Release(&xq);
+    PyBuffer_Release(&wd);
+    PyBuffer_Release(&w);
+    if (st != TL_OK) return raise_status(st), NULL;
+    Py_RETURN_NONE;
+fail_xd:
+    PyBuffer_Release(&xd);
+fail_xq:
+    PyBuffer_Release(&xq);
+fail_wd:
+    PyBuffer_Release(&wd);
+fail_w:
+    PyBuffer_Release(&w);
+    return NULL;
+}
+
 /* float_matmul(w, dtype, n, k, x, m, y) with dtype 0 = f32, 1 = f16, 2 = bf16 (uint16 storage) */
 static PyObject *py_float_matmul(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
@@ -720,6 +782,8 @@ static PyMethodDef methods[] = {
      "quantize_q8_0(x, xq, xd, m, k): Q8_0 activations, one float32 scale per 32 columns"},
     {"q8_matmul", (PyCFunction)(void (*)(void))py_q8_matmul, METH_FASTCALL,
      "q8_matmul(q, d, n, k, xq, xd, m, y): y (m, n) = Q8_0 weights (q int8, d float16) . Q8_0 activations"},
+    {"q4_matmul", (PyCFunction)(void (*)(void))py_q4_matmul, METH_FASTCALL,
+     "q4_matmul(q4, d, n, k, xq, xd, m, y): y (m, n) = Q4_0 weights (q4 uint8 (n, k/2), d float16) . Q8_0 activations"},
     {"rmsnorm", (PyCFunction)(void (*)(void))py_rmsnorm, METH_FASTCALL, "rmsnorm(x, w, eps, m, k, out)"},
     {"glu", (PyCFunction)(void (*)(void))py_glu, METH_FASTCALL, "glu(gu, m, f, act, out)"},
     {"attention_decode", (PyCFunction)(void (*)(void))py_attention_decode, METH_FASTCALL,

@@ -300,6 +300,75 @@ void tl_avx2_q8(const int8_t *w, const uint16_t *wd, int64_t k, int64_t r0, int6
     }
 }
 
+/* ---- Q4_0 (LM head) ---------------------------------------------------------------------------- */
+
+/* One row x one token, in the float order of q8_dot. 32 weight bytes = 2 blocks: & 0xF gives both
+ * blocks' first 16 columns (one 128-bit lane each), >> 4 & 0xF their last 16; the activations are
+ * regrouped to match by two vperm2i128. q = u - 8 is signed, so as in q8_dot its sign moves onto x;
+ * 4 products per int16 stay within 4 * 8 * 127. After vpmaddwd lanes 0-3 hold block 2c, 4-7 block 2c + 1. */
+INLINE float q4_dot(const uint8_t *wr, const uint16_t *dr, const int8_t *x, const float *xd, int64_t nb,
+                    const char *pf) {
+    const __m256i ones = _mm256_set1_epi16(1), low4 = _mm256_set1_epi8(15), eight = _mm256_set1_epi8(8);
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int64_t b0 = 0; b0 < nb; b0 += 8) {
+        const int cnt = nb - b0 >= 8 ? 8 : (int)(nb - b0);
+        __m256i bs[4];
+        for (int c = 0; c < 4; c++) {
+            const int64_t b = b0 + 2 * c;
+            if (2 * c >= cnt) {
+                bs[c] = _mm256_setzero_si256();
+                continue;
+            }
+            _mm_prefetch(pf + b * 16, PF_HINT);
+            __m256i raw, x0, x1;
+            x0 = _mm256_loadu_si256((const __m256i *)(x + b * 32));
+            if (2 * c + 1 < cnt) {
+                raw = _mm256_loadu_si256((const __m256i *)(wr + b * 16));
+                x1 = _mm256_loadu_si256((const __m256i *)(x + b * 32 + 32));
+            } else { /* the last block alone */
+                raw = _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i *)(wr + b * 16)));
+                x1 = _mm256_setzero_si256();
+            }
+            const __m256i ql = _mm256_sub_epi8(_mm256_and_si256(raw, low4), eight);
+            const __m256i qh = _mm256_sub_epi8(_mm256_and_si256(_mm256_srli_epi16(raw, 4), low4), eight);
+            const __m256i xl = _mm256_permute2x128_si256(x0, x1, 0x20), xh = _mm256_permute2x128_si256(x0, x1, 0x31);
+            const __m256i p16 = _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(ql), _mm256_sign_epi8(xl, ql)),
+                                                 _mm256_maddubs_epi16(_mm256_abs_epi8(qh), _mm256_sign_epi8(xh, qh)));
+            bs[c] = _mm256_madd_epi16(p16, ones);
+        }
+        /* hadd tree: [b0 b2 b4 b6 | b1 b3 b5 b7], then back to block order */
+        const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(bs[0], bs[1]), _mm256_hadd_epi32(bs[2], bs[3]));
+        const __m256i isum = _mm256_permutevar8x32_epi32(h, order);
+        __m256 dw, dx;
+        if (cnt == 8) {
+            dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dr + b0)));
+            dx = _mm256_loadu_ps(xd + b0);
+        } else {
+            uint16_t tw[8] = {0};
+            float tx[8] = {0};
+            memcpy(tw, dr + b0, (size_t)cnt * 2);
+            memcpy(tx, xd + b0, (size_t)cnt * 4);
+            dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)tw));
+            dx = _mm256_loadu_ps(tx);
+        }
+        const __m256 p = _mm256_mul_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(dw, dx));
+        const int half = (int)((b0 / 8) & 1);
+        acc[half] = _mm256_add_ps(acc[half], p);
+    }
+    return hsum_ps(_mm256_add_ps(acc[0], acc[1]));
+}
+
+void tl_avx2_q4(const uint8_t *w, const uint16_t *wd, int64_t k, int64_t r0, int64_t r1, const int8_t *xq,
+                const float *xd, int64_t m, int64_t ldy, float *y) {
+    const int64_t nb = k / TL_QBLOCK;
+    for (int64_t r = r0; r < r1; r++) {
+        const char *pf = (const char *)(w + (r + 1) * (k / 2)) + PF_EXTRA;
+        for (int64_t i = 0; i < m; i++)
+            y[i * ldy + r] = q4_dot(w + r * (k / 2), wd + r * nb, xq + i * k, xd + i * nb, nb, pf);
+    }
+}
+
 #else
 typedef int tl_avx2_unused; /* keep the translation unit non-empty on non-x86 builds */
 #endif

@@ -398,6 +398,110 @@ void tl_avx512_q8(const int8_t *w, const uint16_t *wd, int64_t k, int64_t r0, in
 #undef QTILE
 }
 
+/* ---- Q4_0 (LM head) ---------------------------------------------------------------------------- */
+
+/* One 512-column group (16 blocks, 256 weight bytes per row) of an NR rows x MT tokens tile, added to
+ * facc[rr][t], in the float order of q8_group.
+ *
+ * A 64-byte weight chunk holds 4 blocks: & 0xF gives their first 16 columns (one 128-bit lane per
+ * block), >> 4 & 0xF their last 16. The token's 128 columns are two 64-byte loads x0 = blocks 0-1,
+ * x1 = blocks 2-3; lanes 0 and 2 of each (first halves) and 1 and 3 (second halves) are gathered by
+ * one vshufi32x4 each, once per token and shared by the NR rows. Nibbles u = q + 8 are the unsigned
+ * operand of vpdpbusd; the accumulator starts at -8 * sum x (two vpdpbusd of 8s by x per token).
+ * After the chunk, 128-bit lane L of a vector holds 4 partial sums of block 4v + L; a shuffle tree
+ * (exact) makes one vector of 16 block sums, put back in block order by one permute. */
+INLINE void q4_group(const int NR, const int MT, const int tail, const uint8_t *w, const uint16_t *wd, int64_t k,
+                     int64_t nb, int64_t r, const int8_t *xq, const float *xd, int64_t i, int64_t g,
+                     const char *pf, __m512 facc[4][4]) {
+    const __m512i eight = _mm512_set1_epi8(8), low4 = _mm512_set1_epi8(15), zero = _mm512_setzero_si512();
+    const int64_t c0 = g * 512, cols = tail ? k - c0 : 512, row_bytes = k / 2;
+    __m512i tp[4][4][2]; /* [row][token][pair] after the first tree level */
+    for (int p = 0; p < 2; p++) {
+        __m512i a[4][4][2];
+        for (int h = 0; h < 2; h++) {
+            const int v = 2 * p + h;
+#define Q4_MASK(rem) (!tail || (rem) >= 64 ? ~(__mmask64)0 : (rem) <= 0 ? 0 : ((__mmask64)1 << (rem)) - 1)
+            const __mmask64 m0 = Q4_MASK(cols - 128 * v), m1 = Q4_MASK(cols - 128 * v - 64);
+            const __mmask64 mw = Q4_MASK((cols - 128 * v) / 2);
+#undef Q4_MASK
+            __m512i xl[4], xh[4], nc[4];
+            for (int t = 0; t < MT; t++) {
+                const int8_t *xt = xq + (i + t) * k + c0 + 128 * v;
+                const __m512i x0 = _mm512_maskz_loadu_epi8(m0, xt), x1 = _mm512_maskz_loadu_epi8(m1, xt + 64);
+                xl[t] = _mm512_shuffle_i32x4(x0, x1, 0x88);
+                xh[t] = _mm512_shuffle_i32x4(x0, x1, 0xdd);
+                nc[t] = _mm512_sub_epi32(zero, dpbusd(dpbusd(zero, eight, xl[t]), eight, xh[t]));
+            }
+            for (int rr = 0; rr < NR; rr++) {
+                _mm_prefetch(pf + ((g * 4 + v) * NR + rr) * 64, PF_HINT);
+                _mm_prefetch(pf + PF_AGAIN + ((g * 4 + v) * NR + rr) * 64, PF_HINT);
+                __m512i raw = _mm512_maskz_loadu_epi8(mw, w + (r + rr) * row_bytes + c0 / 2 + 64 * v);
+                __asm__("" : "+v"(raw)); /* one load, not one per use */
+                const __m512i lo = _mm512_and_si512(raw, low4);
+                const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4);
+                for (int t = 0; t < MT; t++) a[rr][t][h] = dpbusd(dpbusd(nc[t], lo, xl[t]), hi, xh[t]);
+            }
+        }
+        for (int rr = 0; rr < NR; rr++)
+            for (int t = 0; t < MT; t++)
+                tp[rr][t][p] = _mm512_add_epi32(_mm512_unpacklo_epi32(a[rr][t][0], a[rr][t][1]),
+                                                _mm512_unpackhi_epi32(a[rr][t][0], a[rr][t][1]));
+    }
+    /* after the tree, element e = 4L + v holds block 4v + L: put it back */
+    const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    const int64_t nbg = tail ? nb - g * 16 : 16;
+    const __mmask16 bm = nbg >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << nbg) - 1);
+    for (int rr = 0; rr < NR; rr++) {
+        const __m512 dw = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(bm, wd + (r + rr) * nb + g * 16));
+        for (int t = 0; t < MT; t++) {
+            const __m512i *q = tp[rr][t];
+            __m512i isum = _mm512_add_epi32(_mm512_unpacklo_epi64(q[0], q[1]), _mm512_unpackhi_epi64(q[0], q[1]));
+            isum = _mm512_permutexvar_epi32(order, isum);
+            const __m512 sc = _mm512_mul_ps(dw, _mm512_maskz_loadu_ps(bm, xd + (i + t) * nb + g * 16));
+            facc[rr][t] = _mm512_add_ps(facc[rr][t], _mm512_mul_ps(_mm512_cvtepi32_ps(isum), sc));
+        }
+    }
+}
+
+INLINE void q4_tile(const int NR, const int MT, const uint8_t *w, const uint16_t *wd, int64_t k, int64_t r,
+                    const int8_t *xq, const float *xd, int64_t i, int64_t ldy, float *y) {
+    const int64_t nb = k / TL_QBLOCK, nfull = nb / 16;
+    /* the next tile's weights (NR * k / 2 bytes, linear) and scales, as in q8_tile */
+    const char *pf = (const char *)(w + (r + NR) * (k / 2)) + PF_EXTRA;
+    __m512 facc[4][4];
+    for (int rr = 0; rr < NR; rr++)
+        for (int t = 0; t < MT; t++) facc[rr][t] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < nfull; g++) {
+        if ((g & 1) == 0)
+            for (int rr = 0; rr < NR; rr++)
+                _mm_prefetch((const char *)(wd + (r + NR + rr) * nb) + 512 + g * 32, PF_HINT);
+        q4_group(NR, MT, 0, w, wd, k, nb, r, xq, xd, i, g, pf, facc);
+    }
+    if (nfull * 16 < nb) q4_group(NR, MT, 1, w, wd, k, nb, r, xq, xd, i, nfull, pf, facc);
+    for (int t = 0; t < MT; t++)
+        for (int rr = 0; rr < NR; rr++) y[(i + t) * ldy + r + rr] = sum16_ps(facc[rr][t]);
+}
+
+void tl_avx512_q4(const uint8_t *w, const uint16_t *wd, int64_t k, int64_t r0, int64_t r1, const int8_t *xq,
+                  const float *xd, int64_t m, int64_t ldy, float *y) {
+#define QTILE(NR, MT) q4_tile(NR, MT, w, wd, k, r, xq, xd, i, ldy, y)
+#define QTOKENS(NR)                                                                                      \
+    do {                                                                                                 \
+        for (i = 0; i + 2 <= m; i += 2) QTILE(NR, 2);                                                    \
+        if (i < m) QTILE(NR, 1);                                                                         \
+    } while (0)
+    int64_t r = r0, i = 0;
+    if (m == 1) { /* GEMV: 4 rows share each activation chunk */
+        for (; r + 4 <= r1; r += 4) QTILE(4, 1);
+        for (; r < r1; r++) QTILE(1, 1);
+        return;
+    }
+    for (; r + 2 <= r1; r += 2) QTOKENS(2);
+    if (r < r1) QTOKENS(1);
+#undef QTOKENS
+#undef QTILE
+}
+
 #else
 typedef int tl_avx512_unused; /* keep the translation unit non-empty on non-x86 builds */
 #endif

@@ -365,6 +365,85 @@ void tl_neon_q8(const int8_t *w, const uint16_t *wd, int64_t k, int64_t r0, int6
 #undef QTILE
 }
 
+/* ---- Q4_0 (LM head) ---------------------------------------------------------------------------- */
+
+/* Block b's 16 weight bytes -> its signed values q = u - 8: columns 0-15 (lo) and 16-31 (hi). */
+INLINE int32x4_t q4_block_dot(const uint8_t *wb, int8x16_t x_lo, int8x16_t x_hi) {
+    const uint8x16_t raw = vld1q_u8(wb);
+    const int8x16_t eight = vdupq_n_s8(8);
+    const int8x16_t lo = vsubq_s8(vreinterpretq_s8_u8(vandq_u8(raw, vdupq_n_u8(15))), eight);
+    const int8x16_t hi = vsubq_s8(vreinterpretq_s8_u8(vshrq_n_u8(raw, 4)), eight);
+    return vdotq_s32(vdotq_s32(vdupq_n_s32(0), lo, x_lo), hi, x_hi);
+}
+
+/* As q8_tile, with 16 weight bytes per block. */
+INLINE void q4_tile(const int NR, const int MT, const uint8_t *w, const uint16_t *wd, int64_t k, int64_t r,
+                    const int8_t *xq, const float *xd, int64_t i, int64_t ldy, float *y) {
+    const int64_t nb = k / TL_QBLOCK, nq = nb / 4, row_bytes = k / 2;
+    float32x4_t facc[4][4][4]; /* [row][token][lane quad] */
+    for (int rr = 0; rr < NR; rr++)
+        for (int t = 0; t < MT; t++)
+            for (int l = 0; l < 4; l++) facc[rr][t][l] = vdupq_n_f32(0.0f);
+    for (int64_t g = 0; g < nq; g++) {
+        const int64_t c0 = g * 128;
+        float32x4_t dw[4];
+        for (int rr = 0; rr < NR; rr++) {
+            __builtin_prefetch(w + (r + rr) * row_bytes + c0 / 2 + 1024);
+            dw[rr] = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(wd + (r + rr) * nb + g * 4)));
+        }
+        for (int t = 0; t < MT; t++) {
+            const int8_t *xt = xq + (i + t) * k + c0;
+            int8x16_t a[8];
+            for (int u = 0; u < 8; u++) a[u] = vld1q_s8(xt + 16 * u);
+            const float32x4_t dx = vld1q_f32(xd + (i + t) * nb + g * 4);
+            for (int rr = 0; rr < NR; rr++) {
+                const uint8_t *wr = w + (r + rr) * row_bytes + c0 / 2;
+                int32x4_t d[4];
+                for (int bb = 0; bb < 4; bb++) d[bb] = q4_block_dot(wr + 16 * bb, a[2 * bb], a[2 * bb + 1]);
+                const int32x4_t isum = vpaddq_s32(vpaddq_s32(d[0], d[1]), vpaddq_s32(d[2], d[3]));
+                const float32x4_t p = vmulq_f32(vcvtq_f32_s32(isum), vmulq_f32(dw[rr], dx));
+                facc[rr][t][g & 3] = vaddq_f32(facc[rr][t][g & 3], p);
+            }
+        }
+    }
+    for (int rr = 0; rr < NR; rr++)
+        for (int t = 0; t < MT; t++) {
+            float lane[16];
+            for (int l = 0; l < 4; l++) vst1q_f32(lane + 4 * l, facc[rr][t][l]);
+            for (int64_t b = nq * 4; b < nb; b++) { /* leftover blocks, same float order */
+                const int8_t *xb = xq + (i + t) * k + b * TL_QBLOCK;
+                const int32x4_t d = q4_block_dot(w + (r + rr) * row_bytes + b * 16, vld1q_s8(xb), vld1q_s8(xb + 16));
+                const float sc = tl_f16_to_f32(wd[(r + rr) * nb + b]) * xd[(i + t) * nb + b];
+                lane[b % 16] += (float)vaddvq_s32(d) * sc;
+            }
+            float32x4_t v0 = vaddq_f32(vld1q_f32(lane), vld1q_f32(lane + 8));
+            const float32x4_t v1 = vaddq_f32(vld1q_f32(lane + 4), vld1q_f32(lane + 12));
+            v0 = vaddq_f32(v0, v1);
+            const float32x2_t h = vadd_f32(vget_low_f32(v0), vget_high_f32(v0));
+            y[(i + t) * ldy + r + rr] = vget_lane_f32(h, 0) + vget_lane_f32(h, 1);
+        }
+}
+
+void tl_neon_q4(const uint8_t *w, const uint16_t *wd, int64_t k, int64_t r0, int64_t r1, const int8_t *xq,
+                const float *xd, int64_t m, int64_t ldy, float *y) {
+#define QTILE(NR, MT) q4_tile(NR, MT, w, wd, k, r, xq, xd, i, ldy, y)
+#define QTOKENS(NR)                                                                                      \
+    do {                                                                                                 \
+        for (i = 0; i + 2 <= m; i += 2) QTILE(NR, 2);                                                    \
+        if (i < m) QTILE(NR, 1);                                                                         \
+    } while (0)
+    int64_t r = r0, i = 0;
+    if (m == 1) {
+        for (; r + 4 <= r1; r += 4) QTILE(4, 1);
+        for (; r < r1; r++) QTILE(1, 1);
+        return;
+    }
+    for (; r + 2 <= r1; r += 2) QTOKENS(2);
+    if (r < r1) QTOKENS(1);
+#undef QTOKENS
+#undef QTILE
+}
+
 #else
 typedef int tl_neon_unused; /* keep the translation unit non-empty on non-ARM builds */
 #endif

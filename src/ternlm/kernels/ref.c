@@ -147,3 +147,30 @@ void tl_ref_q8(const int8_t *w, const uint16_t *wd, int64_t k, int64_t r0, int64
         for (int64_t i = 0; i < m; i++)
             y[i * ldy + r] = tl_ref_q8_dot(w + r * k, wd + r * nb, xq + i * k, xd + i * nb, nb);
 }
+
+/* ---- Q4_0 ---------------------------------------------------------------------------------------- */
+
+/* One row (k/2 packed bytes) x one token, in the float order of tl_ref_q8_dot. */
+float tl_ref_q4_dot(const uint8_t *w, const uint16_t *wd, const int8_t *x, const float *xd, int64_t nb) {
+    float lane[16] = {0};
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *wb = w + b * (TL_QBLOCK / 2);
+        const int8_t *xb = x + b * TL_QBLOCK;
+        int32_t isum = 0;
+        for (int j = 0; j < TL_QBLOCK / 2; j++)
+            isum += ((int32_t)(wb[j] & 15u) - 8) * xb[j] + ((int32_t)(wb[j] >> 4) - 8) * xb[j + 16];
+        lane[b % 16] += (float)isum * (tl_f16_to_f32(wd[b]) * xd[b]);
+    }
+    for (int half = 8; half >= 1; half /= 2)
+        for (int l = 0; l < half; l++) lane[l] += lane[l + half];
+    return lane[0];
+}
+
+/* w (n, k/2), wd (n, k/32); writes columns [r0, r1) of y (m, ldy) */
+void tl_ref_q4(const uint8_t *w, const uint16_t *wd, int64_t k, int64_t r0, int64_t r1, const int8_t *xq,
+               const float *xd, int64_t m, int64_t ldy, float *y) {
+    const int64_t nb = k / TL_QBLOCK;
+    for (int64_t r = r0; r < r1; r++)
+        for (int64_t i = 0; i < m; i++)
+            y[i * ldy + r] = tl_ref_q4_dot(w + r * (k / 2), wd + r * nb, xq + i * k, xd + i * nb, nb);
+}

@@ -17,6 +17,11 @@
  *   bit-identical: 16 lanes, lane l += p_b for b = l, l + 16, ... in order (from +0), then
  *   l + 8 -> l, l + 4 -> l, l + 2 -> l, lane 0 + lane 1 (see q8_matmul in ternlm/ternary.py).
  *
+ * Q4_0 (the smaller LM head): symmetric 4-bit weights q in [-7, 7], d = f16(max|w| / 7) per 32-column
+ *   block, stored as nibbles u = q + 8: w (n, k/2) uint8, byte j (0..15) of block b holds column
+ *   32b + j (bits 0-3) and column 32b + 16 + j (bits 4-7); wd (n, k/32) float16. Activations as for
+ *   Q8_0; isum = sum u * xq - 8 * sum xq (exact), then the same p_b and the same float order.
+ *
  * Every function validates its sizes and returns TL_OK or a negative TL_E* code; none aborts.
  * Inputs must be finite (a NaN or inf activation row gives unspecified, but in-range, int8 values).
  */
@@ -39,10 +44,10 @@ enum tl_status {
     TL_EDTYPE = -5,   /* unknown float weight dtype */
     TL_ETHREADS = -6, /* bad thread count, or the pool could not start its threads */
     TL_EISA = -7,     /* unknown ISA name, or not supported by this CPU */
-    TL_EQBLOCK = -8,  /* Q8_0: k is not a multiple of 32 */
+    TL_EQBLOCK = -8,  /* Q8_0 / Q4_0: k is not a multiple of 32 */
 };
 
-#define TL_QBLOCK 32 /* columns per Q8_0 scale */
+#define TL_QBLOCK 32 /* columns per Q8_0 / Q4_0 scale */
 
 enum tl_dtype { TL_F32 = 0, TL_F16 = 1, TL_BF16 = 2 };
 
@@ -66,6 +71,10 @@ int tl_quantize_q8_0(const float *x, int64_t m, int64_t k, int8_t *xq, float *xd
 
 /* Q8_0 matmul: w (n, k) int8, wd (n, k/32) float16 bits, xq (m, k), xd (m, k/32) -> y (m, n). */
 int tl_q8_matmul(const int8_t *w, const uint16_t *wd, int64_t n, int64_t k, const int8_t *xq, const float *xd,
+                 int64_t m, float *y);
+
+/* Q4_0 matmul: w (n, k/2) packed nibbles, wd (n, k/32) float16 bits, xq (m, k), xd (m, k/32) -> y (m, n). */
+int tl_q4_matmul(const uint8_t *w, const uint16_t *wd, int64_t n, int64_t k, const int8_t *xq, const float *xd,
                  int64_t m, float *y);
 
 /* w (n, k) of dtype (f32, f16, or bf16 as uint16), x (m, k) -> y (m, n) = x . w^T, f32 accumulation. */
@@ -113,6 +122,8 @@ typedef void (*tl_float_fn)(const void *w, int dtype, int64_t k, int64_t r0, int
 typedef void (*tl_q8_quantize_fn)(const float *x, int64_t m, int64_t k, int8_t *xq, float *xd);
 typedef void (*tl_q8_fn)(const int8_t *w, const uint16_t *wd, int64_t k, int64_t r0, int64_t r1,
                          const int8_t *xq, const float *xd, int64_t m, int64_t ldy, float *y);
+typedef void (*tl_q4_fn)(const uint8_t *w, const uint16_t *wd, int64_t k, int64_t r0, int64_t r1,
+                         const int8_t *xq, const float *xd, int64_t m, int64_t ldy, float *y);
 
 typedef struct {
     const char *name;
@@ -121,6 +132,7 @@ typedef struct {
     tl_float_fn floatmm;
     tl_q8_quantize_fn q8_quantize;
     tl_q8_fn q8;
+    tl_q4_fn q4;
 } tl_isa;
 
 void tl_ref_quantize(const float *x, int64_t m, int64_t k, int64_t k_pad, int8_t *xq, float *a_scale,
@@ -131,10 +143,13 @@ void tl_ref_ternary(const uint8_t *w, int64_t k_pad, int64_t r0, int64_t r1, con
 void tl_ref_q8_quantize(const float *x, int64_t m, int64_t k, int8_t *xq, float *xd);
 void tl_ref_q8(const int8_t *w, const uint16_t *wd, int64_t k, int64_t r0, int64_t r1, const int8_t *xq,
                const float *xd, int64_t m, int64_t ldy, float *y);
+void tl_ref_q4(const uint8_t *w, const uint16_t *wd, int64_t k, int64_t r0, int64_t r1, const int8_t *xq,
+               const float *xd, int64_t m, int64_t ldy, float *y);
 void tl_ref_float(const void *w, int dtype, int64_t k, int64_t r0, int64_t r1, const float *x, int64_t m,
                   int64_t ldy, float *y);
 float tl_f16_to_f32(uint16_t h);
 float tl_ref_q8_dot(const int8_t *w, const uint16_t *wd, const int8_t *x, const float *xd, int64_t nb);
+float tl_ref_q4_dot(const uint8_t *w, const uint16_t *wd, const int8_t *x, const float *xd, int64_t nb);
 float tl_bf16_to_f32(uint16_t h);
 
 #if defined(__x86_64__)
@@ -146,6 +161,8 @@ void tl_avx2_ternary(const uint8_t *w, int64_t k_pad, int64_t r0, int64_t r1, co
 void tl_avx2_q8_quantize(const float *x, int64_t m, int64_t k, int8_t *xq, float *xd);
 void tl_avx2_q8(const int8_t *w, const uint16_t *wd, int64_t k, int64_t r0, int64_t r1, const int8_t *xq,
                 const float *xd, int64_t m, int64_t ldy, float *y);
+void tl_avx2_q4(const uint8_t *w, const uint16_t *wd, int64_t k, int64_t r0, int64_t r1, const int8_t *xq,
+                const float *xd, int64_t m, int64_t ldy, float *y);
 void tl_avx2_float(const void *w, int dtype, int64_t k, int64_t r0, int64_t r1, const float *x, int64_t m,
                    int64_t ldy, float *y);
 void tl_avx512_quantize(const float *x, int64_t m, int64_t k, int64_t k_pad, int8_t *xq, float *a_scale,
@@ -155,6 +172,8 @@ void tl_avx512_ternary(const uint8_t *w, int64_t k_pad, int64_t r0, int64_t r1, 
                        int64_t m, int64_t ldy, float *y, int32_t *acc_out);
 void tl_avx512_q8_quantize(const float *x, int64_t m, int64_t k, int8_t *xq, float *xd);
 void tl_avx512_q8(const int8_t *w, const uint16_t *wd, int64_t k, int64_t r0, int64_t r1, const int8_t *xq,
+                  const float *xd, int64_t m, int64_t ldy, float *y);
+void tl_avx512_q4(const uint8_t *w, const uint16_t *wd, int64_t k, int64_t r0, int64_t r1, const int8_t *xq,
                   const float *xd, int64_t m, int64_t ldy, float *y);
 void tl_avx512_float(const void *w, int dtype, int64_t k, int64_t r0, int64_t r1, const float *x, int64_t m,
                      int64_t ldy, float *y);
@@ -169,6 +188,8 @@ void tl_neon_ternary(const uint8_t *w, int64_t k_pad, int64_t r0, int64_t r1, co
                      int64_t m, int64_t ldy, float *y, int32_t *acc_out);
 void tl_neon_q8_quantize(const float *x, int64_t m, int64_t k, int8_t *xq, float *xd);
 void tl_neon_q8(const int8_t *w, const uint16_t *wd, int64_t k, int64_t r0, int64_t r1, const int8_t *xq,
+                const float *xd, int64_t m, int64_t ldy, float *y);
+void tl_neon_q4(const uint8_t *w, const uint16_t *wd, int64_t k, int64_t r0, int64_t r1, const int8_t *xq,
                 const float *xd, int64_t m, int64_t ldy, float *y);
 void tl_neon_float(const void *w, int dtype, int64_t k, int64_t r0, int64_t r1, const float *x, int64_t m,
                    int64_t ldy, float *y);

@@ -58,8 +58,8 @@ def bench(model: ternlm.Model, pp: int, tg: int) -> tuple[float, float]:
     return pp / (t1 - t0), tg / (t2 - t1)
 
 
-KERNELS = ("quantize_activations", "ternary_matmul", "float_matmul", "quantize_act_q8_0", "q8_matmul", "q4_matmul",
-           "rmsnorm", "glu", "attention_decode")
+KERNELS = ("quantize_activations", "ternary_matmul", "ternary_matmul_tq1", "float_matmul", "quantize_act_q8_0",
+           "q8_matmul", "q4_matmul", "rmsnorm", "glu", "attention_decode")
 
 
 def python_overhead(model: ternlm.Model, steps: int = 16) -> tuple[float, float]:
@@ -120,18 +120,21 @@ def main() -> None:
     ap.add_argument("--tg", type=int, default=64)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--head", default="q8_0", help="output head precision: q8_0, q4_0 or float")
+    ap.add_argument("--weights", default="i2", choices=["i2", "tq1"],
+                    help="ternary weight layout: i2 (2 bits/weight) or tq1 (1.6 bits/weight)")
     ap.add_argument("--batch", type=int, nargs="*", default=[],
                     help="also measure decode_batch with these numbers of sequences (aggregate tok/s)")
     args = ap.parse_args()
 
     rss_before = resident_bytes()
-    model = ternlm.load(args.model, head=args.head)
+    model = ternlm.load(args.model, head=args.head, weights=args.weights)
     rss_after = resident_bytes() - rss_before
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before
     info = model.info()
     gb = info["bytes_per_token"] / 1e9
     print(f"model {args.model}: {info['layers']} layers, dim {info['dim']}, vocab {info['vocab']}, "
-          f"head {info['head_dtype']}, load {model.load_seconds:.1f} s, isa {info['isa']}")
+          f"head {info['head_dtype']}, weights {info['ternary_layout']}, load {model.load_seconds:.1f} s, "
+          f"isa {info['isa']}")
     print(f"bytes read per decoded token: {gb:.3f} GB (ternary {info['ternary_bytes'] / 1e9:.3f} "
           f"+ head {info['head_bytes'] / 1e9:.3f})")
     kv = model._cache.nbytes

@@ -146,3 +146,30 @@ def test_decode_batch_equals_separate_decodes(model: ternlm.Model) -> None:
     np.testing.assert_allclose(batched, np.stack(alone), rtol=1e-5, atol=1e-5)
     with pytest.raises(ternlm.ShapeError):
         t.decode_batch(np.array([1, 2]), caches, [1, 2, 3])
+
+
+def test_tq1_weights_give_identical_logits(model: ternlm.Model) -> None:
+    """The 1.6-bit layout holds the same ternary values: the same logits (prefill and decode)."""
+    tq1 = ternlm.load(weights="tq1")
+    info, base = tq1.info(), model.info()
+    assert info["ternary_layout"] == "tq1" and base["ternary_layout"] == "i2"
+    assert info["ternary_bytes"] == sum(lin.packed.nbytes for layer in tq1.weights.layers for lin in layer.linears())
+    assert info["ternary_bytes"] < base["ternary_bytes"]
+    for a, b in zip([lin for layer in model.weights.layers for lin in layer.linears()],
+                    [lin for layer in tq1.weights.layers for lin in layer.linears()], strict=True):
+        np.testing.assert_array_equal(a.codes(), b.codes())
+        assert b.to_layout("i2").packed.tobytes() == a.packed.tobytes()
+    ids = list(range(1, 70))
+    np.testing.assert_array_equal(tq1.logits(ids), model.logits(ids))
+    want = [e.token for e in model.generate(ids[:5], 6, temperature=0.0, ignore_eos=True)]
+    assert [e.token for e in tq1.generate(ids[:5], 6, temperature=0.0, ignore_eos=True)] == want
+    with pytest.raises(ternlm.TernlmError):
+        ternlm.load(weights="tq2")
+
+
+def test_cli_weights_flag(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert main(["info", "--weights", "tq1"]) == 0
+    assert "tq1" in capsys.readouterr().out
+    monkeypatch.setenv("TERNLM_WEIGHTS", "tq1")
+    assert main(["info"]) == 0
+    assert "tq1" in capsys.readouterr().out

@@ -544,3 +544,120 @@ def test_fallback_is_importable():
     )
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=60)
+
+
+# ---- TQ1 layout (5 trits per byte) -------------------------------------------------------------------
+
+
+def check_ternary_tq1(rng, m, n, k, w=None):
+    if w is None:
+        w = rng.integers(-1, 2, size=(n, k)).astype(np.int8)
+    packed = T.pack_tq1(w)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    kp = T.padded_k_tq1(k)
+    xq, a_scale, sums = K.quantize_activations(x, k_pad=kp)
+    for got, want in zip((xq, a_scale, sums), T.quantize_activations(x, kp), strict=True):
+        np.testing.assert_array_equal(got, want)
+    acc = K.ternary_matmul_tq1_i32(packed, xq, sums)
+    np.testing.assert_array_equal(acc, T.ternary_matmul_tq1_i32(packed, xq, sums))
+    np.testing.assert_array_equal(acc, xq[:, :k].astype(np.int64) @ w.T.astype(np.int64))
+    for w_scale in (float(rng.uniform(0.01, 2.0)), rng.uniform(0.01, 2.0, n).astype(np.float32)):
+        y = K.ternary_matmul_tq1(packed, xq, a_scale, sums, w_scale)
+        assert y.dtype == np.float32 and y.shape == (m, n)
+        np.testing.assert_array_equal(y, T.ternary_matmul_tq1(packed, xq, a_scale, sums, w_scale))
+        if isinstance(w_scale, float):  # the same values as the 2-bit layout
+            xq2, a2, s2 = K.quantize_activations(x)
+            np.testing.assert_array_equal(y, K.ternary_matmul(T.pack(w), xq2, a2, s2, w_scale))
+
+
+def test_tq1_gemv_shapes(isa, threads):
+    rng = np.random.default_rng(60 + threads)
+    for n, k in [(1, 1), (3, 319), (4, 320), (7, 321), (64, 2560), (301, 2999), (257, 1000), (9, 6912)]:
+        check_ternary_tq1(rng, 1, n, k)
+
+
+def test_tq1_gemm_shapes(isa, threads):
+    rng = np.random.default_rng(70 + threads)
+    for m in (2, 3, 5):
+        check_ternary_tq1(rng, m, int(rng.integers(1, 40)), int(rng.integers(1, 1500)))
+    for _ in range(4):
+        check_ternary_tq1(rng, int(rng.integers(2, 71)), int(rng.integers(1, 301)), int(rng.integers(1, 3001)))
+    check_ternary_tq1(rng, 70, 130, 3000)
+
+
+def test_tq1_every_byte_and_extremes(isa):
+    """All 243 trit patterns, and the largest accumulators (long rows cross the GEMV's flush interval)."""
+    import itertools
+
+    pats = np.array(list(itertools.product((-1, 0, 1), repeat=5)), np.int8)  # (243, 5)
+    w = np.zeros((243, 320), np.int8)
+    w[:, ::64] = pats
+    check_ternary_tq1(np.random.default_rng(80), 3, 243, 320, w)
+    k = 320 * 1100
+    w = np.ones((6, k), np.int8)
+    w[1::2] = -1
+    packed = T.pack_tq1(w)
+    for m in (1, 2):
+        xq = np.full((m, k), 127, np.int8)
+        xq[-1] = -128 if m == 2 else 127
+        sums = xq.sum(axis=1, dtype=np.int32)
+        want = xq.astype(np.int64) @ w.T.astype(np.int64)
+        np.testing.assert_array_equal(K.ternary_matmul_tq1_i32(packed, xq, sums), want)
+
+
+def test_tq1_pack_roundtrip_and_format():
+    rng = np.random.default_rng(81)
+    w = rng.integers(-1, 2, size=(5, 700)).astype(np.int8)
+    packed = T.pack_tq1(w)
+    assert packed.shape == (5, 960 // 5) and packed.dtype == np.uint8
+    np.testing.assert_array_equal(T.unpack_tq1(packed, 700), w)
+    # byte j of block b: v = sum_i c[320b + 64i + j] 3^(4-i), q = ceil(256 v / 243)
+    c = np.ones((5, 960), np.int64)
+    c[:, :700] = w + 1
+    v = sum(c[:, 320 + 64 * i + 7] * 3 ** (4 - i) for i in range(5))
+    np.testing.assert_array_equal(packed[:, 64 + 7], -(-v * 256 // 243))
+    with pytest.raises(ShapeError):
+        T.pack_tq1(np.full((2, 3), 2, np.int8))
+    with pytest.raises(ShapeError):
+        T.unpack_tq1(packed, 961)
+
+
+def test_tq1_bad_inputs():
+    rng = np.random.default_rng(82)
+    w = rng.integers(-1, 2, size=(12, 300)).astype(np.int8)
+    packed = T.pack_tq1(w)
+    xq, a_scale, sums = K.quantize_activations(rng.standard_normal((2, 300)).astype(np.float32), k_pad=320)
+    xq2, _, _ = K.quantize_activations(rng.standard_normal((2, 300)).astype(np.float32))  # 2-bit k_pad 512
+    cases = [
+        (packed.view(np.int8), xq, a_scale, sums),
+        (packed, xq2, a_scale, sums),  # activations padded for the 2-bit layout
+        (T.pack(w), xq, a_scale, sums),  # 2-bit weights
+        (packed[::2], xq, a_scale, sums),
+        (packed, xq, a_scale[:1], sums),
+        (packed, xq, a_scale, sums.astype(np.int64)),
+        (packed[0], xq, a_scale, sums),
+    ]
+    for args in cases:
+        with pytest.raises(ShapeError):
+            K.ternary_matmul_tq1(*args, 1.0)
+    with pytest.raises(ShapeError):
+        K.ternary_matmul_tq1(packed, xq, a_scale, sums, np.ones(11, np.float32))
+    with pytest.raises(ShapeError):
+        K.ternary_matmul_tq1_i32(packed, xq, sums, out=np.empty((2, 12), np.float32))
+    for kp in (256 + 32, 200):  # not a multiple of 64, or below k
+        with pytest.raises(ShapeError):
+            K.quantize_activations(np.ones((2, 300), np.float32), k_pad=kp)
+    with pytest.raises(ShapeError):
+        T.quantize_activations(np.ones((2, 300), np.float32), k_pad=200)
+    if K._ext is not None:
+        ext, y = K._ext, np.empty((2, 12), np.float32)
+        with pytest.raises(ShapeError):  # k_pad not a multiple of 320
+            ext.ternary_matmul_tq1(packed, 12, 256, xq, sums, a_scale, 1.0, 2, y, None)
+        with pytest.raises(ShapeError):  # n larger than packed holds
+            ext.ternary_matmul_tq1(packed, 13, 320, xq, sums, a_scale, 1.0, 2, y, None)
+        with pytest.raises(ShapeError):
+            ext.ternary_matmul_tq1(packed, 12, 320, xq, sums, a_scale, 1.0, 2, y, y)
+        with pytest.raises(KernelError):  # k_pad above the documented bound
+            big = 320 * (2**22 // 320 + 1)
+            ext.ternary_matmul_tq1(np.empty(big // 5, np.uint8), 1, big, np.empty(big, np.int8), sums[:1],
+                                   a_scale[:1], 1.0, 1, y[:1, :1].copy(), None)

@@ -21,19 +21,24 @@ from ternlm.tokenizer import Tokenizer
 # Prompts are run through the model this many tokens at a time, bounding the attention score buffers.
 PREFILL_CHUNK = 512
 HEAD_TYPES = ("q8_0", "q4_0", "float")
+WEIGHT_LAYOUTS = ("i2", "tq1")
 
 
 class Model:
     """A loaded model. One sequence at a time: concurrent calls wait for each other."""
 
-    def __init__(self, path: Path, n_ctx: int | None = None, head: str = "q8_0") -> None:
+    def __init__(self, path: Path, n_ctx: int | None = None, head: str = "q8_0", weights: str = "i2") -> None:
         if head not in HEAD_TYPES:
             raise ParamError(f"head must be one of {HEAD_TYPES}, got {head!r}")
+        if weights not in WEIGHT_LAYOUTS:
+            raise ParamError(f"weights must be one of {WEIGHT_LAYOUTS}, got {weights!r}")
         start = time.perf_counter()
         self.path = path
         self.config, self.weights = open_model(path)
         if head != "float":
             self.weights.quantize_head(head)
+        if weights != "i2":
+            self.weights.convert_ternary(weights)
         self.transformer = Transformer(self.config, self.weights)
         self.tokenizer = Tokenizer.from_dir(path) if (path / "tokenizer.json").exists() else None
         self.n_ctx = min(n_ctx or self.config.max_seq_len, self.config.max_seq_len)
@@ -116,6 +121,7 @@ class Model:
             "context": self.n_ctx, "activation": c.hidden_act, "rope_theta": c.rope_theta,
             "tied_embeddings": w.head is w.embed, "embedding_dtype": w.embed.dtype, "head_dtype": w.head.dtype,
             "ternary_params": sum(lin.in_features * lin.out_features for lin in linears),
+            "ternary_layout": "+".join(sorted({lin.layout for lin in linears})),
             "ternary_bytes": ternary_bytes, "head_bytes": head_bytes,
             "bytes_per_token": ternary_bytes + head_bytes, "threads": kernels.get_threads(),
             "isa": kernels.active_isa(),
@@ -123,18 +129,20 @@ class Model:
 
 
 def load(path: str | Path | None = None, *, threads: int | None = None, n_ctx: int | None = None,
-         head: str = "q8_0") -> Model:
+         head: str = "q8_0", weights: str = "i2") -> Model:
     """Load a model directory (default: the small model shipped with ternlm).
 
     head: "q8_0" stores the output head (and a tied embedding) as Q8_0, halving the bytes decode reads
     per token relative to F16; "q4_0" as Q4_0 (about 0.28x of F16, less accurate); "float" keeps the
     checkpoint's own precision.
+    weights: the packed layout of the ternary layers, "i2" (2 bits/weight) or "tq1" (5 trits per byte,
+    1.6 bits/weight: 20 % fewer bytes read per token; converted at load, same values and logits).
     """
     if threads is not None:
         if threads < 1:
             raise ParamError(f"threads must be at least 1, got {threads}")
         kernels.set_threads(threads)
-    return Model(Path(path) if path is not None else default_model_path(), n_ctx=n_ctx, head=head)
+    return Model(Path(path) if path is not None else default_model_path(), n_ctx=n_ctx, head=head, weights=weights)
 
 
 def default_model_path() -> Path:

@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable, Iterator
 
 from ternlm import __version__, load
-from ternlm.api import HEAD_TYPES
+from ternlm.api import HEAD_TYPES, WEIGHT_LAYOUTS
 from ternlm.errors import TernlmError
 from ternlm.generate import GenerationEvent
 
@@ -28,6 +28,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="context length in tokens (env TERNLM_CTX; default: the model's maximum)")
     p.add_argument("--head", choices=HEAD_TYPES, default=_env("head", "q8_0"),
                    help="output head precision: q8_0, q4_0, or float as stored (env TERNLM_HEAD; default q8_0)")
+    p.add_argument("--weights", choices=WEIGHT_LAYOUTS, default=_env("weights", "i2"),
+                   help="ternary weight layout: i2 (2 bits/weight) or tq1 (1.6 bits/weight, converted at load) "
+                        "(env TERNLM_WEIGHTS; default i2)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -68,7 +71,7 @@ def _stream(events: Iterator[GenerationEvent]) -> tuple[GenerationEvent | None, 
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    model = load(args.model, threads=args.threads, n_ctx=args.ctx, head=args.head)
+    model = load(args.model, threads=args.threads, n_ctx=args.ctx, head=args.head, weights=args.weights)
     if args.chat:
         prompt: str | list[int] = model.chat_tokens([{"role": "user", "content": args.prompt}])
     else:
@@ -87,7 +90,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    model = load(args.model, threads=args.threads, n_ctx=args.ctx, head=args.head)
+    model = load(args.model, threads=args.threads, n_ctx=args.ctx, head=args.head, weights=args.weights)
     messages: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
     print(f"ternlm chat with {model.path.name} — /reset clears the conversation, /exit or Ctrl-D quits.",
           file=sys.stderr)
@@ -120,7 +123,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    model = load(args.model, threads=args.threads, n_ctx=args.ctx, head=args.head)
+    model = load(args.model, threads=args.threads, n_ctx=args.ctx, head=args.head, weights=args.weights)
     for key, value in model.info().items():
         print(f"{key:16} {value}")
     return 0

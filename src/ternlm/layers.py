@@ -2,35 +2,34 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import numpy as np
 
 from ternlm import kernels, ternary
 from ternlm.errors import ShapeError
 
-
-class Quantized(NamedTuple):
-    """Activations quantized per token to int8, shared by every linear layer that reads the same input."""
-
-    xq: np.ndarray  # (m, k_pad) int8
-    a_scale: np.ndarray  # (m,) float32: 127 / max|x|
-    sums: np.ndarray  # (m,) int32: Σ xq, subtracted because weights are stored as codes w+1
-
-
-def quantize(x: np.ndarray) -> Quantized:
-    """Quantize (m, k) float32 activations for the ternary kernels."""
-    return Quantized(*kernels.quantize_activations(x))
+LAYOUTS = ("i2", "tq1")  # packed weight layouts: 2 bits per weight, or 5 trits per byte (1.6 bits)
 
 
 class TernaryLinear:
-    """A linear layer with weights in {-1, 0, +1} packed 2 bits each, times one per-tensor scale."""
+    """A linear layer with weights in {-1, 0, +1}, times one per-tensor scale.
 
-    def __init__(self, packed: np.ndarray, in_features: int, scale: float | np.ndarray) -> None:
-        if packed.dtype != np.uint8 or packed.ndim != 2 or packed.shape[1] != ternary.padded_k(in_features) // 4:
+    layout "i2": packed 2 bits each, (out, k_pad // 4) with k_pad a multiple of 256 (``ternary.pack``);
+    "tq1": 5 per byte, (out, k_pad // 5) with k_pad a multiple of 320 (``ternary.pack_tq1``), 20 % fewer
+    bytes. Calling it quantizes its float input per token to int8 (zero-padded to this layout's k_pad)
+    and runs the integer kernel.
+    """
+
+    def __init__(self, packed: np.ndarray, in_features: int, scale: float | np.ndarray, layout: str = "i2") -> None:
+        if layout not in LAYOUTS:
+            raise ShapeError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        k_pad = ternary.padded_k(in_features) if layout == "i2" else ternary.padded_k_tq1(in_features)
+        per_byte = 4 if layout == "i2" else 5
+        if packed.dtype != np.uint8 or packed.ndim != 2 or packed.shape[1] != k_pad // per_byte:
             raise ShapeError(f"packed weight of shape {packed.shape} {packed.dtype} does not hold "
-                             f"{in_features} input features")
-        self.packed = np.ascontiguousarray(packed)  # (out_features, k_pad // 4) uint8
+                             f"{in_features} input features in layout {layout}")
+        self.packed = np.ascontiguousarray(packed)  # (out_features, k_pad // 4 or // 5) uint8
+        self.layout = layout
+        self.k_pad = k_pad
         self.in_features = in_features
         self.out_features = packed.shape[0]
         # One float for the whole matrix, or (out_features,) float32 when layers were concatenated.
@@ -40,8 +39,10 @@ class TernaryLinear:
     def concat(cls, parts: list[TernaryLinear]) -> TernaryLinear:
         """Stack layers that read the same input (q|k|v, gate|up) into one matrix: one kernel call,
         each part keeping its own scale."""
+        if len({p.layout for p in parts}) != 1:
+            raise ShapeError("concat: parts have different layouts")
         scale = np.concatenate([np.broadcast_to(np.float32(p.scale), (p.out_features,)) for p in parts])
-        return cls(np.concatenate([p.packed for p in parts]), parts[0].in_features, scale)
+        return cls(np.concatenate([p.packed for p in parts]), parts[0].in_features, scale, parts[0].layout)
 
     @classmethod
     def from_codes(cls, codes: np.ndarray, scale: float) -> TernaryLinear:
@@ -54,9 +55,30 @@ class TernaryLinear:
         w, scale = ternary.ternarize(weight)
         return cls(ternary.pack(w), weight.shape[1], scale)
 
-    def __call__(self, x: Quantized) -> np.ndarray:
-        # (m, out_features) float32
-        return kernels.ternary_matmul(self.packed, x.xq, x.a_scale, x.sums, self.scale)
+    def codes(self, r0: int = 0, r1: int | None = None) -> np.ndarray:
+        """The codes w+1 of output rows [r0, r1), uint8 (rows, in_features)."""
+        part = self.packed[r0:r1]
+        if self.layout == "tq1":
+            return ternary.unpack_codes_tq1(part, self.in_features)
+        return ternary.unpack_codes(part, self.in_features)
+
+    def to_layout(self, layout: str) -> TernaryLinear:
+        """The same weights and scale in another packed layout (self when it already is)."""
+        if layout == self.layout:
+            return self
+        if layout not in LAYOUTS:
+            raise ShapeError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        pack = ternary.pack_codes_tq1 if layout == "tq1" else ternary.pack_codes
+        # in chunks of rows: bounded temporaries for big matrices
+        packed = np.concatenate([pack(np.ascontiguousarray(self.codes(r, r + 2048)))
+                                 for r in range(0, self.out_features, 2048)])
+        return TernaryLinear(packed, self.in_features, self.scale, layout)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        # x (m, in_features) float32 -> (m, out_features) float32
+        xq, a_scale, sums = kernels.quantize_activations(x, k_pad=self.k_pad)
+        matmul = kernels.ternary_matmul_tq1 if self.layout == "tq1" else kernels.ternary_matmul
+        return matmul(self.packed, xq, a_scale, sums, self.scale)
 
     @property
     def nbytes(self) -> int:

@@ -11,7 +11,7 @@ from ternlm import kernels
 from ternlm.config import ModelConfig
 from ternlm.errors import ParamError, ShapeError
 from ternlm.kvcache import KVCache
-from ternlm.layers import FloatMatrix, Q4Matrix, Q8Matrix, Rope, TernaryLinear, quantize, rms_norm
+from ternlm.layers import LAYOUTS, FloatMatrix, Q4Matrix, Q8Matrix, Rope, TernaryLinear, rms_norm
 
 
 @dataclass
@@ -48,6 +48,13 @@ class ModelWeights:
         self.head = cls.from_float(self.head)
         if tied:
             self.embed = self.head
+
+    def convert_ternary(self, layout: str) -> None:
+        """Repack every ternary layer into layout "i2" (2 bits/weight) or "tq1" (1.6 bits/weight)."""
+        if layout not in LAYOUTS:
+            raise ParamError(f"ternary weight layout must be one of {LAYOUTS}, got {layout!r}")
+        for lw in self.layers:
+            lw.qkv, lw.o, lw.gate_up, lw.down = (lin.to_layout(layout) for lin in lw.linears())
 
 
 class Transformer:
@@ -95,7 +102,7 @@ class Transformer:
     def attention(self, x: np.ndarray, w: LayerWeights, i: int, caches: list[KVCache], starts: list[int]
                   ) -> np.ndarray:
         c = self.config
-        qkv = w.qkv(quantize(x))  # (t, q_dim + 2 kv_dim)
+        qkv = w.qkv(x)  # (t, q_dim + 2 kv_dim)
         if len(qkv) == len(caches):  # one new token per sequence: RoPE, cache write and attention in C
             out = np.stack([kernels.attention_decode(row, cache.k[i], cache.v[i], pos, self.rope.cos[pos],
                                                      self.rope.sin[pos], c.n_heads, self.scale, cache.scores)
@@ -104,7 +111,7 @@ class Transformer:
             out = self.attention_prefill(qkv, i, caches[0], starts[0])
         if w.attn_sub_norm is not None:
             out = rms_norm(out, w.attn_sub_norm, c.norm_eps)
-        return w.o(quantize(out))
+        return w.o(out)
 
     def attention_prefill(self, qkv: np.ndarray, i: int, cache: KVCache, start: int) -> np.ndarray:
         """Causal attention of t tokens at positions start.. with numpy matmuls; returns (t, q_dim)."""
@@ -128,7 +135,7 @@ class Transformer:
         return (probs @ values).reshape(c.n_heads, t, c.head_dim).transpose(1, 0, 2).reshape(t, c.q_dim)
 
     def mlp(self, x: np.ndarray, w: LayerWeights) -> np.ndarray:
-        z = kernels.glu(w.gate_up(quantize(x)), self.config.hidden_act)  # (t, ffn_dim)
+        z = kernels.glu(w.gate_up(x), self.config.hidden_act)  # (t, ffn_dim)
         if w.ffn_sub_norm is not None:
             z = rms_norm(z, w.ffn_sub_norm, self.config.norm_eps)
-        return w.down(quantize(z))
+        return w.down(z)

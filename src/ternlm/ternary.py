@@ -7,6 +7,13 @@ Packed weight layout (ternlm's own, shaped for AVX-512 VNNI): codes ``c = w + 1`
 ``(n, k_pad // 4)``. Byte ``j`` (0..63) of the 64-byte block ``b`` of a row holds columns
 ``256b + j`` (bits 0-1), ``256b + 64 + j`` (bits 2-3), ``256b + 128 + j`` (bits 4-5) and
 ``256b + 192 + j`` (bits 6-7), so one 64-byte load unpacks into four 64-column code vectors.
+
+TQ1 layout (optional, 1.6 bits/weight, five trits per byte as in llama.cpp's TQ1_0): K is padded to a
+multiple of 320 with code 1; the packed array is uint8 ``(n, k_pad // 5)``. Byte ``j`` (0..63) of the
+64-byte block ``b`` of a row holds columns ``320b + 64i + j`` (i = 0..4) as ``v = sum_i c_i 3^(4-i)``,
+stored as ``q = ceil(256 v / 243)``; then with ``t_0 = q``, ``t_{i+1} = 3 t_i mod 256`` the code of
+column ``320b + 64i + j`` is ``floor(3 t_i / 256)``. Activations for it are padded to the TQ1 k_pad
+(``quantize_activations(x, k_pad=padded_k_tq1(k))``).
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import numpy as np
 from ternlm.errors import ShapeError
 
 BLOCK = 256
+TQ1_BLOCK = 320  # columns per 64-byte block of the TQ1 layout
 _SHIFTS = np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)
 
 
@@ -24,6 +32,13 @@ def padded_k(k: int) -> int:
     if k <= 0:
         raise ShapeError(f"k must be positive, got {k}")
     return -(-k // BLOCK) * BLOCK
+
+
+def padded_k_tq1(k: int) -> int:
+    """K rounded up to a whole number of 320-column TQ1 blocks."""
+    if k <= 0:
+        raise ShapeError(f"k must be positive, got {k}")
+    return -(-k // TQ1_BLOCK) * TQ1_BLOCK
 
 
 def _check_2d(a: np.ndarray, name: str, dtype: np.dtype | type | None = None) -> None:
@@ -97,13 +112,61 @@ def unpack(packed: np.ndarray, k: int) -> np.ndarray:
     return codes.astype(np.int8) - 1
 
 
+def pack_codes_tq1(codes: np.ndarray) -> np.ndarray:
+    """Pack codes ``w + 1`` in {0, 1, 2}, uint8 (n, k), into the TQ1 layout: uint8 (n, k_pad // 5)."""
+    _check_2d(codes, "codes", np.uint8)
+    if codes.max() > 2:
+        raise ShapeError("codes: values must be 0, 1 or 2 (ternary weight + 1)")
+    n, k = codes.shape
+    kp = padded_k_tq1(k)
+    full = np.ones((n, kp), dtype=np.uint8)
+    full[:, :k] = codes
+    c = full.reshape(n, kp // TQ1_BLOCK, 5, 64).astype(np.int32)  # column 320b + 64i + j
+    v = c[:, :, 0] * 81 + c[:, :, 1] * 27 + c[:, :, 2] * 9 + c[:, :, 3] * 3 + c[:, :, 4]
+    return ((v * 256 + 242) // 243).astype(np.uint8).reshape(n, kp // 5)
+
+
+def pack_tq1(w: np.ndarray) -> np.ndarray:
+    """Pack a ternary int8 (n, k) matrix into the TQ1 layout: uint8 (n, padded_k_tq1(k) // 5)."""
+    _check_2d(w, "w", np.int8)
+    if w.min() < -1 or w.max() > 1:
+        raise ShapeError("w: values must be -1, 0 or 1")
+    return pack_codes_tq1((w + 1).astype(np.uint8))
+
+
+def unpack_codes_tq1(packed: np.ndarray, k: int) -> np.ndarray:
+    """Inverse of pack_codes_tq1: uint8 (n, k_pad // 5) -> codes uint8 (n, k)."""
+    _check_2d(packed, "packed", np.uint8)
+    n, kq = packed.shape
+    if kq % 64 != 0:
+        raise ShapeError(f"packed: {kq} bytes per row is not a multiple of 64 (320 columns)")
+    if not 0 < k <= 5 * kq:
+        raise ShapeError(f"k = {k} does not fit in {kq} TQ1 bytes per row (k_pad = {5 * kq})")
+    t = packed.reshape(n, kq // 64, 1, 64).astype(np.uint16)
+    out = np.empty((n, kq // 64, 5, 64), np.uint8)
+    for i in range(5):
+        t3 = t * 3
+        out[:, :, i : i + 1] = t3 >> 8
+        t = t3 & 255
+    return out.reshape(n, 5 * kq)[:, :k]
+
+
+def unpack_tq1(packed: np.ndarray, k: int) -> np.ndarray:
+    """Inverse of pack_tq1: uint8 (n, k_pad // 5) -> ternary int8 (n, k)."""
+    codes = unpack_codes_tq1(packed, k)
+    if codes.max() > 2:
+        raise ShapeError("packed: contains a byte that is not a TQ1 ternary code")
+    return codes.astype(np.int8) - 1
+
+
 # ---- activations ---------------------------------------------------------------------------------
 
 
-def quantize_activations(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def quantize_activations(x: np.ndarray, k_pad: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-token absmax int8 quantization of x float32 (m, k).
 
-    Returns ``xq`` int8 (m, k_pad) zero-padded, ``a_scale`` float32 (m,) = 127 / max(max|x|, 1e-5),
+    Returns ``xq`` int8 (m, k_pad) zero-padded (k_pad: ``padded_k(k)`` by default; ``padded_k_tq1(k)``
+    for the TQ1 layout; any multiple of 64 >= k is accepted), ``a_scale`` float32 (m,) = 127 / max(max|x|, 1e-5),
     and ``sums`` int32 (m,) = the row sums of xq. All float32, round half to even.
     """
     _check_2d(x, "x", np.float32)
@@ -111,7 +174,11 @@ def quantize_activations(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndar
     amax = np.max(np.abs(x), axis=1)
     a_scale = np.float32(127.0) / np.maximum(amax, np.float32(1e-5))
     q = np.clip(np.rint(x * a_scale[:, None]), -128, 127).astype(np.int8)
-    xq = np.zeros((m, padded_k(k)), dtype=np.int8)
+    if k_pad is None:
+        k_pad = padded_k(k)
+    elif k_pad < k or k_pad % 64 != 0:
+        raise ShapeError(f"k_pad = {k_pad} must be a multiple of 64 and at least k = {k}")
+    xq = np.zeros((m, k_pad), dtype=np.int8)
     xq[:, :k] = q
     return xq, a_scale.astype(np.float32), xq.sum(axis=1, dtype=np.int32)
 
@@ -156,6 +223,45 @@ def ternary_matmul(
     if isinstance(w_scale, np.ndarray):
         if w_scale.shape != (packed.shape[0],) or w_scale.dtype != np.float32:
             raise ShapeError(f"w_scale: expected float32 ({packed.shape[0]},), got {w_scale.dtype} {w_scale.shape}")
+        return acc.astype(np.float32) * (w_scale[None, :] / a[:, None])
+    ratio = np.float32(w_scale) / a
+    return acc.astype(np.float32) * ratio[:, None]
+
+
+def _check_matmul_tq1(packed: np.ndarray, xq: np.ndarray, sums: np.ndarray) -> None:
+    _check_2d(packed, "packed", np.uint8)
+    _check_2d(xq, "xq", np.int8)
+    if packed.shape[1] * 5 != xq.shape[1] or xq.shape[1] % TQ1_BLOCK != 0:
+        raise ShapeError(
+            f"k_pad mismatch: TQ1 packed {packed.shape} holds k_pad = {packed.shape[1] * 5}, xq has {xq.shape[1]}"
+        )
+    if sums.shape != (xq.shape[0],):
+        raise ShapeError(f"sums: expected shape ({xq.shape[0]},), got {sums.shape}")
+
+
+def ternary_matmul_tq1_i32(packed: np.ndarray, xq: np.ndarray, sums: np.ndarray) -> np.ndarray:
+    """``ternary_matmul_i32`` for TQ1-packed weights (n, k_pad // 5) and xq (m, k_pad), k_pad % 320 == 0."""
+    _check_matmul_tq1(packed, xq, sums)
+    codes = unpack_codes_tq1(packed, packed.shape[1] * 5)
+    ftype = np.float32 if packed.shape[1] * 5 <= 1 << 16 else np.float64
+    acc = xq.astype(ftype) @ codes.T.astype(ftype)
+    return acc.astype(np.int32) - sums.astype(np.int32)[:, None]
+
+
+def ternary_matmul_tq1(
+    packed: np.ndarray, xq: np.ndarray, a_scale: np.ndarray, sums: np.ndarray, w_scale: float | np.ndarray
+) -> np.ndarray:
+    """``ternary_matmul`` for TQ1-packed weights: the same output formula and scale rules."""
+    return _scale(ternary_matmul_tq1_i32(packed, xq, sums), packed.shape[0], xq.shape[0], a_scale, w_scale)
+
+
+def _scale(acc: np.ndarray, n: int, m: int, a_scale: np.ndarray, w_scale: float | np.ndarray) -> np.ndarray:
+    if a_scale.shape != (m,):
+        raise ShapeError(f"a_scale: expected shape ({m},), got {a_scale.shape}")
+    a = a_scale.astype(np.float32)
+    if isinstance(w_scale, np.ndarray):
+        if w_scale.shape != (n,) or w_scale.dtype != np.float32:
+            raise ShapeError(f"w_scale: expected float32 ({n},), got {w_scale.dtype} {w_scale.shape}")
         return acc.astype(np.float32) * (w_scale[None, :] / a[:, None])
     ratio = np.float32(w_scale) / a
     return acc.astype(np.float32) * ratio[:, None]

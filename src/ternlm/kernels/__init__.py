@@ -46,6 +46,8 @@ __all__ = [
     "set_threads",
     "ternary_matmul",
     "ternary_matmul_i32",
+    "ternary_matmul_tq1",
+    "ternary_matmul_tq1_i32",
 ]
 
 _F32 = np.dtype(np.float32)
@@ -79,16 +81,21 @@ def _check_out(out: np.ndarray, shape: tuple[int, int], dtype: np.dtype) -> None
 
 
 def quantize_activations(
-    x: np.ndarray, out: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+    x: np.ndarray, out: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None, k_pad: int | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-token int8 quantization of x float32 (m, k).
 
     Returns (xq int8 (m, k_pad), a_scale float32 (m,), sums int32 (m,)), written into ``out`` if given.
+    k_pad: the zero-padded width, ``padded_k(k)`` (2-bit layout) by default; ``padded_k_tq1(k)`` for TQ1
+    weights; any multiple of 64 that is at least k.
     """
     m, k = _shape2(x, "x")
-    k_pad = -(-k // _ref.BLOCK) * _ref.BLOCK
+    if k_pad is None:
+        k_pad = -(-k // _ref.BLOCK) * _ref.BLOCK
+    elif k_pad < k or k_pad % 64 != 0:
+        raise ShapeError(f"k_pad = {k_pad} must be a multiple of 64 and at least k = {k}")
     if _ext is None:
-        xq, a_scale, sums = _ref.quantize_activations(x)
+        xq, a_scale, sums = _ref.quantize_activations(x, k_pad)
         if out is None:
             return xq, a_scale, sums
         out[0][...], out[1][...], out[2][...] = xq, a_scale, sums
@@ -144,6 +151,51 @@ def ternary_matmul_i32(
     else:
         # a_scale is unused for the raw accumulator; sums doubles as a buffer of the right length
         _ext.ternary_matmul(packed, n, k_pad, xq, sums, np.ones(m, _F32), 1.0, m, None, out)
+    return out
+
+
+def _matmul_sizes_tq1(packed: np.ndarray, xq: np.ndarray) -> tuple[int, int, int]:
+    n, kq = _shape2(packed, "packed")
+    m, k_pad = _shape2(xq, "xq")
+    if kq * 5 != k_pad:
+        raise ShapeError(f"k_pad mismatch: TQ1 packed {packed.shape} holds k_pad = {kq * 5}, xq {xq.shape}")
+    return n, m, k_pad
+
+
+def ternary_matmul_tq1(
+    packed: np.ndarray,
+    xq: np.ndarray,
+    a_scale: np.ndarray,
+    sums: np.ndarray,
+    w_scale: float | np.ndarray,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """``ternary_matmul`` for TQ1 weights (n, k_pad/5) (``ternary.pack_tq1``); xq (m, k_pad), k_pad % 320 == 0
+    (``quantize_activations(x, k_pad=ternary.padded_k_tq1(k))``). Same output formula and scales."""
+    n, m, k_pad = _matmul_sizes_tq1(packed, xq)
+    if isinstance(w_scale, np.ndarray):
+        if w_scale.shape != (n,) or w_scale.dtype != _F32:
+            raise ShapeError(f"w_scale: expected float32 ({n},), got {w_scale.dtype} {w_scale.shape}")
+    else:
+        w_scale = float(w_scale)
+    out = _output(out, (m, n), _F32)
+    if _ext is None:
+        out[...] = _ref.ternary_matmul_tq1(packed, xq, a_scale, sums, w_scale)
+    else:
+        _ext.ternary_matmul_tq1(packed, n, k_pad, xq, sums, a_scale, w_scale, m, out, None)
+    return out
+
+
+def ternary_matmul_tq1_i32(
+    packed: np.ndarray, xq: np.ndarray, sums: np.ndarray, out: np.ndarray | None = None
+) -> np.ndarray:
+    """The exact int32 accumulator (m, n) for TQ1 weights (see ``ternary_matmul_i32``)."""
+    n, m, k_pad = _matmul_sizes_tq1(packed, xq)
+    out = _output(out, (m, n), _I32)
+    if _ext is None:
+        out[...] = _ref.ternary_matmul_tq1_i32(packed, xq, sums)
+    else:
+        _ext.ternary_matmul_tq1(packed, n, k_pad, xq, sums, np.ones(m, _F32), 1.0, m, None, out)
     return out
 
 

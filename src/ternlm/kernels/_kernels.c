@@ -18,14 +18,15 @@
 /* ==== 1. C API ================================================================================== */
 
 static const tl_isa ISAS[] = {
-    {"scalar", tl_ref_quantize, tl_ref_ternary, tl_ref_float, tl_ref_q8_quantize, tl_ref_q8, tl_ref_q4},
+    /* TQ1 (ternary_tq1): AVX-512 has its own kernel; AVX2 and NEON use the scalar reference for now. */
+    {"scalar", tl_ref_quantize, tl_ref_ternary, tl_ref_ternary_tq1, tl_ref_float, tl_ref_q8_quantize, tl_ref_q8, tl_ref_q4},
 #if defined(__x86_64__)
-    {"avx2", tl_avx2_quantize, tl_avx2_ternary, tl_avx2_float, tl_avx2_q8_quantize, tl_avx2_q8, tl_avx2_q4},
-    {"avx512vnni", tl_avx512_quantize, tl_avx512_ternary, tl_avx512_float, tl_avx512_q8_quantize, tl_avx512_q8,
+    {"avx2", tl_avx2_quantize, tl_avx2_ternary, tl_ref_ternary_tq1, tl_avx2_float, tl_avx2_q8_quantize, tl_avx2_q8, tl_avx2_q4},
+    {"avx512vnni", tl_avx512_quantize, tl_avx512_ternary, tl_avx512_ternary_tq1, tl_avx512_float, tl_avx512_q8_quantize, tl_avx512_q8,
      tl_avx512_q4},
 #endif
 #if defined(__aarch64__)
-    {"neon", tl_neon_quantize, tl_neon_ternary, tl_neon_float, tl_neon_q8_quantize, tl_neon_q8, tl_neon_q4},
+    {"neon", tl_neon_quantize, tl_neon_ternary, tl_ref_ternary_tq1, tl_neon_float, tl_neon_q8_quantize, tl_neon_q8, tl_neon_q4},
 #endif
 };
 #define N_ISAS ((int)(sizeof(ISAS) / sizeof(ISAS[0])))
@@ -99,7 +100,7 @@ const char *tl_strerror(int status) {
     switch (status) {
     case TL_OK: return "ok";
     case TL_ESIZE: return "a size is zero or negative";
-    case TL_EPAD: return "k_pad is not a multiple of 256, or k > k_pad";
+    case TL_EPAD: return "k_pad is not a multiple of the block (256; 320 for TQ1; 64 to quantize), or k > k_pad";
     case TL_ERANGE: return "a size is too large (k_pad > 2^22, or the buffer size overflows)";
     case TL_ENULL: return "a required pointer is NULL";
     case TL_EDTYPE: return "unknown float weight dtype";
@@ -117,7 +118,7 @@ int tl_quantize_rows(const float *x, int64_t m, int64_t k, int64_t k_pad, int8_t
                      int32_t *sums) {
     if (!x || !xq || !a_scale || !sums) return TL_ENULL;
     if (m <= 0 || k <= 0 || k_pad <= 0) return TL_ESIZE;
-    if (k_pad % TL_BLOCK != 0 || k > k_pad) return TL_EPAD;
+    if (k_pad % 64 != 0 || k > k_pad) return TL_EPAD;
     if (k_pad > TL_MAX_K || !product_ok(m, k_pad)) return TL_ERANGE;
     isa()->quantize(x, m, k, k_pad, xq, a_scale, sums);
     return TL_OK;
@@ -148,19 +149,34 @@ static int64_t row_grain(int64_t row_bytes, int64_t m) {
     return rows < TL_ROW_TILE ? TL_ROW_TILE : rows;
 }
 
-int tl_ternary_matmul(const uint8_t *w, int64_t n, int64_t k_pad, const int8_t *xq, const int32_t *sums,
-                      const float *a_scale, const float *w_scale, int64_t ws_stride, int64_t m, float *y,
-                      int32_t *acc_out) {
+/* Both packed layouts: block = TL_BLOCK (2-bit, k_pad / 4 bytes a row) or TL_TQ1_BLOCK (k_pad / 5). */
+static int ternary_matmul(int tq1, const uint8_t *w, int64_t n, int64_t k_pad, const int8_t *xq,
+                          const int32_t *sums, const float *a_scale, const float *w_scale, int64_t ws_stride,
+                          int64_t m, float *y, int32_t *acc_out) {
     static const float unit = 1.0f;
     if (!y) w_scale = &unit, ws_stride = 0; /* unused for the raw accumulator */
     if (!w || !xq || !sums || !a_scale || !w_scale || (!y && !acc_out)) return TL_ENULL;
     if (n <= 0 || m <= 0 || k_pad <= 0) return TL_ESIZE;
     if (ws_stride != 0 && ws_stride != 1) return TL_ERANGE;
-    if (k_pad % TL_BLOCK != 0) return TL_EPAD;
+    if (k_pad % (tq1 ? TL_TQ1_BLOCK : TL_BLOCK) != 0) return TL_EPAD;
     if (k_pad > TL_MAX_K || !product_ok(n, k_pad) || !product_ok(m, k_pad) || !product_ok(m, n))
         return TL_ERANGE;
-    ternary_job job = {isa()->ternary, w, n, k_pad, m, xq, sums, a_scale, w_scale, ws_stride, y, y ? NULL : acc_out};
-    return tl_parallel_for(n, row_grain(k_pad / 4, m), ternary_range, &job);
+    const tl_isa *cur = isa();
+    ternary_job job = {tq1 ? cur->ternary_tq1 : cur->ternary, w, n, k_pad, m, xq, sums, a_scale, w_scale,
+                       ws_stride, y, y ? NULL : acc_out};
+    return tl_parallel_for(n, row_grain(k_pad / (tq1 ? 5 : 4), m), ternary_range, &job);
+}
+
+int tl_ternary_matmul(const uint8_t *w, int64_t n, int64_t k_pad, const int8_t *xq, const int32_t *sums,
+                      const float *a_scale, const float *w_scale, int64_t ws_stride, int64_t m, float *y,
+                      int32_t *acc_out) {
+    return ternary_matmul(0, w, n, k_pad, xq, sums, a_scale, w_scale, ws_stride, m, y, acc_out);
+}
+
+int tl_ternary_matmul_tq1(const uint8_t *w, int64_t n, int64_t k_pad, const int8_t *xq, const int32_t *sums,
+                          const float *a_scale, const float *w_scale, int64_t ws_stride, int64_t m, float *y,
+                          int32_t *acc_out) {
+    return ternary_matmul(1, w, n, k_pad, xq, sums, a_scale, w_scale, ws_stride, m, y, acc_out);
 }
 
 typedef struct {
@@ -405,16 +421,17 @@ fail_x:
     return NULL;
 }
 
-/* ternary_matmul(w, n, k_pad, xq, sums, a_scale, w_scale, m, y, acc): exactly one of y / acc is None */
-static PyObject *py_ternary_matmul(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    (void)self;
+/* ternary_matmul[_tq1](w, n, k_pad, xq, sums, a_scale, w_scale, m, y, acc): exactly one of y / acc is None */
+static PyObject *ternary_matmul_impl(int tq1, PyObject *const *args, Py_ssize_t nargs) {
+    const char *fn = tq1 ? "ternary_matmul_tq1" : "ternary_matmul";
+    const int block = tq1 ? TL_TQ1_BLOCK : TL_BLOCK, per_byte = tq1 ? 5 : 4;
     int64_t s[3];
-    if (check_nargs(nargs, 10, "ternary_matmul") || get_i64(args[1], "n", &s[0]) ||
-        get_i64(args[2], "k_pad", &s[1]) || get_i64(args[7], "m", &s[2]) || check_sizes(3, s, "ternary_matmul"))
+    if (check_nargs(nargs, 10, fn) || get_i64(args[1], "n", &s[0]) || get_i64(args[2], "k_pad", &s[1]) ||
+        get_i64(args[7], "m", &s[2]) || check_sizes(3, s, fn))
         return NULL;
     const int64_t n = s[0], k_pad = s[1], m = s[2];
-    if (k_pad % TL_BLOCK != 0) {
-        PyErr_Format(shape_error, "ternary_matmul: k_pad %lld is not a multiple of %d", (long long)k_pad, TL_BLOCK);
+    if (k_pad % block != 0) {
+        PyErr_Format(shape_error, "%s: k_pad %lld is not a multiple of %d", fn, (long long)k_pad, block);
         return NULL;
     }
     /* w_scale: a Python float (one scale, stride 0) or a float32 buffer of n (one per row, stride 1) */
@@ -423,12 +440,12 @@ static PyObject *py_ternary_matmul(PyObject *self, PyObject *const *args, Py_ssi
     if (!ws_array) ws_one = (float)PyFloat_AS_DOUBLE(args[6]);
     const int want_y = args[8] != Py_None;
     if (want_y == (args[9] != Py_None)) {
-        PyErr_SetString(shape_error, "ternary_matmul: pass exactly one of y and acc");
+        PyErr_Format(shape_error, "%s: pass exactly one of y and acc", fn);
         return NULL;
     }
     Py_buffer w, xq, sums, as, out, ws = {0};
     if (ws_array && get_buf(args[6], "w_scale", 'f', 4, n, 0, &ws)) return NULL;
-    if (get_buf(args[0], "packed", 'B', 1, cnt(n, k_pad / 4), 0, &w)) goto fail_ws;
+    if (get_buf(args[0], "packed", 'B', 1, cnt(n, k_pad / per_byte), 0, &w)) goto fail_ws;
     if (get_buf(args[3], "xq", 'b', 1, cnt(m, k_pad), 0, &xq)) goto fail_w;
     if (get_buf(args[4], "sums", 'i', 4, m, 0, &sums)) goto fail_xq;
     if (get_buf(args[5], "a_scale", 'f', 4, m, 0, &as)) goto fail_sums;
@@ -436,8 +453,9 @@ static PyObject *py_ternary_matmul(PyObject *self, PyObject *const *args, Py_ssi
         goto fail_as;
     int st;
     Py_BEGIN_ALLOW_THREADS
-    st = tl_ternary_matmul(w.buf, n, k_pad, xq.buf, sums.buf, as.buf, ws_array ? ws.buf : &ws_one, ws_array, m,
-                           want_y ? out.buf : NULL, want_y ? NULL : out.buf);
+    st = (tq1 ? tl_ternary_matmul_tq1 : tl_ternary_matmul)(w.buf, n, k_pad, xq.buf, sums.buf, as.buf,
+                                                           ws_array ? ws.buf : &ws_one, ws_array, m,
+                                                           want_y ? out.buf : NULL, want_y ? NULL : out.buf);
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&out);
     PyBuffer_Release(&as);
@@ -458,6 +476,16 @@ fail_w:
 fail_ws:
     if (ws_array) PyBuffer_Release(&ws);
     return NULL;
+}
+
+static PyObject *py_ternary_matmul(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    return ternary_matmul_impl(0, args, nargs);
+}
+
+static PyObject *py_ternary_matmul_tq1(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    return ternary_matmul_impl(1, args, nargs);
 }
 
 static int check_qblock(int64_t k, const char *fn) {
@@ -778,6 +806,9 @@ static PyMethodDef methods[] = {
     {"ternary_matmul", (PyCFunction)(void (*)(void))py_ternary_matmul, METH_FASTCALL,
      "ternary_matmul(packed, n, k_pad, xq, sums, a_scale, w_scale, m, y, acc): y or acc (m, n); "
      "w_scale a float or float32 (n,)"},
+    {"ternary_matmul_tq1", (PyCFunction)(void (*)(void))py_ternary_matmul_tq1, METH_FASTCALL,
+     "ternary_matmul_tq1(packed, n, k_pad, xq, sums, a_scale, w_scale, m, y, acc): as ternary_matmul for TQ1 "
+     "weights (n, k_pad/5), k_pad a multiple of 320"},
     {"quantize_q8_0", (PyCFunction)(void (*)(void))py_quantize_q8_0, METH_FASTCALL,
      "quantize_q8_0(x, xq, xd, m, k): Q8_0 activations, one float32 scale per 32 columns"},
     {"q8_matmul", (PyCFunction)(void (*)(void))py_q8_matmul, METH_FASTCALL,
@@ -811,7 +842,8 @@ PyMODINIT_FUNC PyInit__kernels(void) {
     isa();
     PyObject *mod = PyModule_Create(&module);
     if (!mod) return NULL;
-    if (PyModule_AddIntConstant(mod, "BLOCK", TL_BLOCK) || PyModule_AddIntConstant(mod, "MAX_K", TL_MAX_K) ||
+    if (PyModule_AddIntConstant(mod, "BLOCK", TL_BLOCK) ||
+        PyModule_AddIntConstant(mod, "TQ1_BLOCK", TL_TQ1_BLOCK) || PyModule_AddIntConstant(mod, "MAX_K", TL_MAX_K) ||
         PyModule_AddIntConstant(mod, "MAX_THREADS", TL_MAX_THREADS) ||
         PyModule_AddIntConstant(mod, "QBLOCK", TL_QBLOCK)) {
         Py_DECREF(mod);

@@ -4,6 +4,7 @@
 #if defined(__x86_64__)
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")
 #include <immintrin.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "ternary.h"
@@ -206,6 +207,150 @@ void tl_avx512_ternary(const uint8_t *w, int64_t k_pad, int64_t r0, int64_t r1, 
     }
 #undef TOKENS
 #undef TILE
+}
+
+/* ---- ternary matmul, TQ1 layout (5 trits per byte, see ternary.h) ------------------------------ */
+
+INLINE __m512i times3(__m512i t) { return _mm512_add_epi8(_mm512_add_epi8(t, t), t); } /* 3 t mod 256 */
+
+/* Blocks per exact flush of the GEMV accumulators: per int32 lane, 3 accA - accB = 256 D (mod 2^32)
+ * with |D| <= 5 * 4 * 2 * 128 = 5120 per block, exact after >> 8 while 256 |D| < 2^31 (< 1638 blocks). */
+#define TQ1_FLUSH 1024
+
+/* GEMV tile, no explicit trits: with t_0 = q, t_{i+1} = 3 t_i mod 256 (byte adds) and
+ * 3 t_i = 256 d_i + t_{i+1}, sum_i a_i d_i = (3 sum_i a_i t_i - sum_i a_i t_{i+1}) / 256: two vpdpbusd
+ * per 64 weights against the same activations. Prefetch as in gemv_tile (next tile linear, twice). */
+INLINE void tq1_gemv_tile(const int NR, const uint8_t *w, int64_t row_bytes, int64_t nblk, const int8_t *x,
+                          int64_t r, const int32_t *sums, const float *a_scale, const float *w_scale,
+                          int64_t ws_stride, int64_t ldy, float *y, int32_t *acc_out) {
+    __m512i tot[4];
+    const uint8_t *wr[4];
+    const char *pf = (const char *)(w + (r + NR) * row_bytes) + PF_EXTRA;
+    const char *pf1 = (const char *)(w + r * row_bytes) + PF_L1;
+    for (int rr = 0; rr < NR; rr++) {
+        tot[rr] = _mm512_setzero_si512();
+        wr[rr] = w + (r + rr) * row_bytes;
+    }
+    for (int64_t b0 = 0; b0 < nblk; b0 += TQ1_FLUSH) {
+        const int64_t b1 = b0 + TQ1_FLUSH < nblk ? b0 + TQ1_FLUSH : nblk;
+        __m512i accA[4], accB[4];
+        for (int rr = 0; rr < NR; rr++) accA[rr] = accB[rr] = _mm512_setzero_si512();
+        for (int64_t b = b0; b < b1; b++) {
+            __m512i a[5];
+            for (int q = 0; q < 5; q++) a[q] = _mm512_loadu_si512(x + b * TL_TQ1_BLOCK + 64 * q);
+            for (int rr = 0; rr < NR; rr++) {
+                _mm_prefetch(pf + (b * NR + rr) * 64, PF_HINT);
+                _mm_prefetch(pf + PF_AGAIN + (b * NR + rr) * 64, PF_HINT);
+                _mm_prefetch(pf1 + (b * NR + rr) * 64, _MM_HINT_T0);
+                __m512i t = _mm512_loadu_si512(wr[rr] + b * 64);
+                __asm__("" : "+v"(t));
+                for (int q = 0; q < 5; q++) {
+                    accA[rr] = dpbusd(accA[rr], t, a[q]);
+                    t = times3(t);
+                    accB[rr] = dpbusd(accB[rr], t, a[q]);
+                }
+            }
+        }
+        for (int rr = 0; rr < NR; rr++) {
+            const __m512i d = _mm512_sub_epi32(_mm512_add_epi32(accA[rr], _mm512_add_epi32(accA[rr], accA[rr])),
+                                               accB[rr]);
+            tot[rr] = _mm512_add_epi32(tot[rr], _mm512_srai_epi32(d, 8));
+        }
+    }
+    for (int rr = 0; rr < NR; rr++)
+        store_out(0, r + rr, _mm512_reduce_add_epi32(tot[rr]), sums, a_scale, w_scale, ws_stride, ldy, y, acc_out);
+}
+
+/* Decodes NR rows of TQ1 weights into int8 codes, panel (NR, k_pad), d = [t >= 86] + [t >= 171];
+ * streams the next row tile in (linear prefetch, twice per line, as the GEMV). */
+INLINE void tq1_decode_panel(const int NR, const uint8_t *w, int64_t row_bytes, int64_t nblk, int64_t k_pad,
+                             int64_t r, uint8_t *panel) {
+    const __m512i one = _mm512_set1_epi8(1), two = _mm512_set1_epi8(2);
+    const __m512i c86 = _mm512_set1_epi8((char)86), c171 = _mm512_set1_epi8((char)171);
+    const char *pf = (const char *)(w + (r + NR) * row_bytes) + PF_EXTRA;
+    for (int rr = 0; rr < NR; rr++) {
+        const uint8_t *wr = w + (r + rr) * row_bytes;
+        for (int64_t b = 0; b < nblk; b++) {
+            _mm_prefetch(pf + (rr * nblk + b) * 64, PF_HINT);
+            _mm_prefetch(pf + PF_AGAIN + (rr * nblk + b) * 64, PF_HINT);
+            __m512i t = _mm512_loadu_si512(wr + b * 64);
+            for (int q = 0; q < 5; q++) {
+                __m512i d = _mm512_maskz_mov_epi8(_mm512_cmpge_epu8_mask(t, c86), one);
+                d = _mm512_mask_mov_epi8(d, _mm512_cmpge_epu8_mask(t, c171), two);
+                _mm512_store_si512(panel + rr * k_pad + b * TL_TQ1_BLOCK + 64 * q, d);
+                t = times3(t);
+            }
+        }
+    }
+}
+
+/* GEMM tile on a decoded panel: NR rows x MT tokens (<= 4 x 4), one vpdpbusd per 64 codes. */
+INLINE void tq1_panel_tile(const int NR, const int MT, const uint8_t *panel, int64_t k_pad, const int8_t *xq,
+                           int64_t r, int64_t i, const int32_t *sums, const float *a_scale, const float *w_scale,
+                           int64_t ws_stride, int64_t ldy, float *y, int32_t *acc_out) {
+    __m512i acc[4][4];
+    const int8_t *xr[4];
+    for (int rr = 0; rr < NR; rr++)
+        for (int t = 0; t < MT; t++) acc[rr][t] = _mm512_setzero_si512();
+    for (int t = 0; t < MT; t++) xr[t] = xq + (i + t) * k_pad;
+    for (int64_t c = 0; c < k_pad / 64; c++) {
+        __m512i wv[4];
+        for (int rr = 0; rr < NR; rr++) wv[rr] = _mm512_load_si512(panel + rr * k_pad + c * 64);
+        for (int t = 0; t < MT; t++) {
+            const __m512i a = _mm512_loadu_si512(xr[t] + c * 64);
+            for (int rr = 0; rr < NR; rr++) acc[rr][t] = dpbusd(acc[rr][t], wv[rr], a);
+        }
+    }
+    for (int t = 0; t < MT; t++)
+        for (int rr = 0; rr < NR; rr++)
+            store_out(i + t, r + rr, _mm512_reduce_add_epi32(acc[rr][t]), sums, a_scale, w_scale, ws_stride, ldy, y,
+                      acc_out);
+}
+
+void tl_avx512_ternary_tq1(const uint8_t *w, int64_t k_pad, int64_t r0, int64_t r1, const int8_t *xq,
+                           const int32_t *sums, const float *a_scale, const float *w_scale, int64_t ws_stride,
+                           int64_t m, int64_t ldy, float *y, int32_t *acc_out) {
+    const int64_t row_bytes = k_pad / 5, nblk = k_pad / TL_TQ1_BLOCK;
+    if (m == 1) {
+        int64_t r = r0;
+#define VTILE(NR) tq1_gemv_tile(NR, w, row_bytes, nblk, xq, r, sums, a_scale, w_scale, ws_stride, ldy, y, acc_out)
+        for (; r + 4 <= r1; r += 4) VTILE(4);
+        for (; r < r1; r++) VTILE(1);
+#undef VTILE
+        return;
+    }
+    /* GEMM: decode a row tile to int8 codes once per TOKEN_CHUNK tokens (panel: 4 * k_pad bytes, L2) */
+    uint8_t *panel = aligned_alloc(64, (size_t)(4 * k_pad)); /* 4 * k_pad is a multiple of 1280 */
+    if (!panel) {
+        tl_ref_ternary_tq1(w, k_pad, r0, r1, xq, sums, a_scale, w_scale, ws_stride, m, ldy, y, acc_out);
+        return;
+    }
+#define TILE(NR, MT) tq1_panel_tile(NR, MT, panel, k_pad, xq, r, i, sums, a_scale, w_scale, ws_stride, ldy, y, acc_out)
+#define TOKENS(NR)                                                                                       \
+    do {                                                                                                 \
+        tq1_decode_panel(NR, w, row_bytes, nblk, k_pad, r, panel);                                       \
+        for (i = i0; i + 4 <= i1; i += 4) TILE(NR, 4);                                                   \
+        switch (i1 - i) {                                                                                \
+        case 3: TILE(NR, 3); break;                                                                      \
+        case 2: TILE(NR, 2); break;                                                                      \
+        case 1: TILE(NR, 1); break;                                                                      \
+        default: break;                                                                                  \
+        }                                                                                                \
+    } while (0)
+    for (int64_t i0 = 0; i0 < m; i0 += TOKEN_CHUNK) {
+        const int64_t i1 = i0 + TOKEN_CHUNK < m ? i0 + TOKEN_CHUNK : m;
+        int64_t r = r0, i;
+        for (; r + 4 <= r1; r += 4) TOKENS(4);
+        switch (r1 - r) {
+        case 3: TOKENS(3); break;
+        case 2: TOKENS(2); break;
+        case 1: TOKENS(1); break;
+        default: break;
+        }
+    }
+#undef TOKENS
+#undef TILE
+    free(panel);
 }
 
 /* ---- float matmul (LM head) -------------------------------------------------------------------- */

@@ -82,6 +82,35 @@ void tl_ref_ternary(const uint8_t *w, int64_t k_pad, int64_t r0, int64_t r1, con
     }
 }
 
+/* TQ1: w (n, k_pad/5); writes columns [r0, r1) of y or acc_out (m, ldy) */
+void tl_ref_ternary_tq1(const uint8_t *w, int64_t k_pad, int64_t r0, int64_t r1, const int8_t *xq,
+                        const int32_t *sums, const float *a_scale, const float *w_scale, int64_t ws_stride,
+                        int64_t m, int64_t ldy, float *y, int32_t *acc_out) {
+    const int64_t row_bytes = k_pad / 5;
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *wr = w + r * row_bytes;
+        for (int64_t i = 0; i < m; i++) {
+            const int8_t *xi = xq + i * k_pad;
+            int32_t acc = 0;
+            for (int64_t b = 0; b < k_pad / TL_TQ1_BLOCK; b++) {
+                for (int j = 0; j < 64; j++) {
+                    unsigned t = wr[b * 64 + j];
+                    for (int q = 0; q < 5; q++) {
+                        const unsigned t3 = 3u * t;
+                        acc += (int32_t)(t3 >> 8) * xi[b * TL_TQ1_BLOCK + 64 * q + j];
+                        t = t3 & 255u;
+                    }
+                }
+            }
+            acc -= sums[i]; /* codes are w + 1 */
+            if (y)
+                y[i * ldy + r] = (float)acc * (w_scale[r * ws_stride] / a_scale[i]);
+            else
+                acc_out[i * ldy + r] = acc;
+        }
+    }
+}
+
 static float weight_at(const void *w, int dtype, int64_t idx) {
     switch (dtype) {
     case TL_F16:

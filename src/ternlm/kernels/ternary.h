@@ -6,6 +6,11 @@
  *   columns 256b + j (bits 0-1), 256b + 64 + j (bits 2-3), 256b + 128 + j (bits 4-5) and
  *   256b + 192 + j (bits 6-7), so one 64-byte load unpacks to four 64-column code vectors.
  *
+ * TQ1 layout (optional, 1.6 bits/weight, llama.cpp TQ1_0-like): K padded to k_pad (multiple of 320)
+ *   with code 1; w is uint8 (n, k_pad / 5). Byte j (0..63) of 320-column block b holds columns
+ *   320b + 64i + j (i = 0..4) as v = sum_i c_i 3^(4-i), stored as q = ceil(256 v / 243): with t_0 = q,
+ *   t_{i+1} = 3 t_i mod 256, the code of column 320b + 64i + j is floor(3 t_i / 256).
+ *
  * Activations: per row i of x (m, k) float32, a_scale[i] = 127 / max(max_j |x[i,j]|, 1e-5),
  *   xq = clamp(rint(x * a_scale), -128, 127) (round half to even), zero-padded to k_pad, and
  *   sums[i] = sum_j xq[i, j]. Since codes are w + 1, acc = sum_j c * xq - sums[i].
@@ -31,6 +36,7 @@
 #include <stdint.h>
 
 #define TL_BLOCK 256
+#define TL_TQ1_BLOCK 320 /* columns per 64-byte block of the TQ1 layout */
 /* Bound on k_pad: |sum c * xq| <= 2 * 128 * k_pad must stay below 2^31. */
 #define TL_MAX_K (1 << 22)
 #define TL_MAX_THREADS 256
@@ -38,7 +44,7 @@
 enum tl_status {
     TL_OK = 0,
     TL_ESIZE = -1,    /* a size is <= 0 */
-    TL_EPAD = -2,     /* k_pad is not a multiple of 256, or k > k_pad */
+    TL_EPAD = -2,     /* k_pad is not a multiple of the block (256; 320 for TQ1; 64 to quantize), or k > k_pad */
     TL_ERANGE = -3,   /* a size is too large (k_pad > TL_MAX_K, or a product overflows) */
     TL_ENULL = -4,    /* a required pointer is NULL */
     TL_EDTYPE = -5,   /* unknown float weight dtype */
@@ -53,7 +59,8 @@ enum tl_dtype { TL_F32 = 0, TL_F16 = 1, TL_BF16 = 2 };
 
 const char *tl_strerror(int status);
 
-/* x (m, k) -> xq (m, k_pad), a_scale (m), sums (m). */
+/* x (m, k) -> xq (m, k_pad), a_scale (m), sums (m); k_pad a multiple of 64 (256 for the 2-bit layout,
+ * 320 for TQ1). */
 int tl_quantize_rows(const float *x, int64_t m, int64_t k, int64_t k_pad, int8_t *xq, float *a_scale,
                      int32_t *sums);
 
@@ -64,6 +71,11 @@ int tl_quantize_rows(const float *x, int64_t m, int64_t k, int64_t k_pad, int8_t
 int tl_ternary_matmul(const uint8_t *w, int64_t n, int64_t k_pad, const int8_t *xq, const int32_t *sums,
                       const float *a_scale, const float *w_scale, int64_t ws_stride, int64_t m, float *y,
                       int32_t *acc_out);
+
+/* tl_ternary_matmul for TQ1 weights: w (n, k_pad/5), k_pad a multiple of 320, xq (m, k_pad). */
+int tl_ternary_matmul_tq1(const uint8_t *w, int64_t n, int64_t k_pad, const int8_t *xq, const int32_t *sums,
+                          const float *a_scale, const float *w_scale, int64_t ws_stride, int64_t m, float *y,
+                          int32_t *acc_out);
 
 /* Q8_0 activations: x (m, k) -> xq (m, k), xd (m, k/32). Per block amax = max |x|;
  * d = amax / 127 and q = clamp(rint(x * (127 / amax)), -127, 127), or d = 0, q = 0 when amax < 1e-30. */
@@ -129,6 +141,7 @@ typedef struct {
     const char *name;
     tl_quantize_fn quantize;
     tl_ternary_fn ternary;
+    tl_ternary_fn ternary_tq1; /* same signature; w is TQ1 (n, k_pad/5), k_pad % 320 == 0 */
     tl_float_fn floatmm;
     tl_q8_quantize_fn q8_quantize;
     tl_q8_fn q8;
@@ -140,6 +153,9 @@ void tl_ref_quantize(const float *x, int64_t m, int64_t k, int64_t k_pad, int8_t
 void tl_ref_ternary(const uint8_t *w, int64_t k_pad, int64_t r0, int64_t r1, const int8_t *xq,
                     const int32_t *sums, const float *a_scale, const float *w_scale, int64_t ws_stride,
                     int64_t m, int64_t ldy, float *y, int32_t *acc_out);
+void tl_ref_ternary_tq1(const uint8_t *w, int64_t k_pad, int64_t r0, int64_t r1, const int8_t *xq,
+                        const int32_t *sums, const float *a_scale, const float *w_scale, int64_t ws_stride,
+                        int64_t m, int64_t ldy, float *y, int32_t *acc_out);
 void tl_ref_q8_quantize(const float *x, int64_t m, int64_t k, int8_t *xq, float *xd);
 void tl_ref_q8(const int8_t *w, const uint16_t *wd, int64_t k, int64_t r0, int64_t r1, const int8_t *xq,
                const float *xd, int64_t m, int64_t ldy, float *y);
@@ -170,6 +186,9 @@ void tl_avx512_quantize(const float *x, int64_t m, int64_t k, int64_t k_pad, int
 void tl_avx512_ternary(const uint8_t *w, int64_t k_pad, int64_t r0, int64_t r1, const int8_t *xq,
                        const int32_t *sums, const float *a_scale, const float *w_scale, int64_t ws_stride,
                        int64_t m, int64_t ldy, float *y, int32_t *acc_out);
+void tl_avx512_ternary_tq1(const uint8_t *w, int64_t k_pad, int64_t r0, int64_t r1, const int8_t *xq,
+                           const int32_t *sums, const float *a_scale, const float *w_scale, int64_t ws_stride,
+                           int64_t m, int64_t ldy, float *y, int32_t *acc_out);
 void tl_avx512_q8_quantize(const float *x, int64_t m, int64_t k, int8_t *xq, float *xd);
 void tl_avx512_q8(const int8_t *w, const uint16_t *wd, int64_t k, int64_t r0, int64_t r1, const int8_t *xq,
                   const float *xd, int64_t m, int64_t ldy, float *y);

@@ -173,3 +173,20 @@ def test_cli_weights_flag(capsys: pytest.CaptureFixture, monkeypatch: pytest.Mon
     monkeypatch.setenv("TERNLM_WEIGHTS", "tq1")
     assert main(["info"]) == 0
     assert "tq1" in capsys.readouterr().out
+
+
+def test_generate_token_ids_without_tokenizer(tmp_path) -> None:
+    """A checkpoint without tokenizer.json still generates from token ids (events carry ids, no text)."""
+    import shutil
+
+    path = tmp_path / "m"
+    shutil.copytree(ternlm.api.default_model_path(), path)
+    (path / "tokenizer.json").unlink()
+    bare, full = ternlm.load(path), ternlm.load()
+    events = list(bare.generate([1, 2, 3], max_tokens=5, temperature=0.0, ignore_eos=True))
+    expected = [e.token for e in full.generate([1, 2, 3], max_tokens=5, temperature=0.0, ignore_eos=True)]
+    assert [e.token for e in events] == expected and all(e.text == "" for e in events)
+    with pytest.raises(ternlm.FormatError, match="tokenizer"):
+        bare.generate("text", max_tokens=2)
+    with pytest.raises(ternlm.TernlmError, match="stop strings"):
+        bare.generate([1, 2], max_tokens=2, stop=["x"])

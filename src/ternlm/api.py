@@ -58,8 +58,7 @@ class Model:
                  seed: int | None = None, stop: Sequence[str] | None = None,
                  ignore_eos: bool = False) -> Iterator[GenerationEvent]:
         """Stream a completion of `prompt` (text, or token ids used as given) as GenerationEvents."""
-        tokenizer = self._need_tokenizer()
-        ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(self._check_ids(prompt))
+        ids = self._need_tokenizer().encode(prompt) if isinstance(prompt, str) else list(self._check_ids(prompt))
         return self._generate(ids, max_tokens, SamplingParams(
             temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
             repetition_penalty=repetition_penalty, seed=seed), stop, ignore_eos)
@@ -74,8 +73,8 @@ class Model:
 
     def _generate(self, ids: list[int], max_tokens: int, sampling: SamplingParams,
                   stop: Sequence[str] | None, ignore_eos: bool) -> Iterator[GenerationEvent]:
-        tokenizer = self._need_tokenizer()
-        stop_ids = set(tokenizer.eos_ids) | set(self.config.eos_ids)
+        tokenizer = self.tokenizer  # None: token ids in, token ids out, no text
+        stop_ids = set(tokenizer.eos_ids if tokenizer else ()) | set(self.config.eos_ids)
         # generate() checks its arguments now, so bad requests fail before the first event.
         events = generate(self._step, tokenizer, ids, max_tokens=max_tokens, n_ctx=self.n_ctx,
                           sampling=sampling, stop=list(stop or []), stop_ids=stop_ids, ignore_eos=ignore_eos)

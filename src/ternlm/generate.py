@@ -61,7 +61,7 @@ class StopStrings:
 
 def generate(
     step: StepFn,
-    tokenizer: Tokenizer,
+    tokenizer: Tokenizer | None,
     prompt_ids: Sequence[int],
     *,
     max_tokens: int,
@@ -74,8 +74,9 @@ def generate(
     """Stream up to `max_tokens` tokens after `prompt_ids`, one GenerationEvent per token.
 
     Generation stops on a token in `stop_ids` (default: `tokenizer.eos_ids`; `ignore_eos` disables them)
-    or on any of the `stop` strings, which are cut from the text. Arguments are checked here, before
-    anything runs; the model is only stepped as the iterator is consumed, and closing it stops generation.
+    or on any of the `stop` strings, which are cut from the text. Without a tokenizer, events carry token ids
+    and no text. Arguments are checked here, before anything runs; the model is only stepped as the
+    iterator is consumed, and closing it stops generation.
     """
     if len(prompt_ids) == 0:
         raise ParamError("the prompt is empty; at least one token (e.g. BOS) is needed")
@@ -88,13 +89,27 @@ def generate(
         )
     if stop is not None and (isinstance(stop, str) or not all(isinstance(s, str) for s in stop)):
         raise ParamError(f"stop must be a list of strings, got {stop!r}")
-    stop_set = set() if ignore_eos else set(tokenizer.eos_ids if stop_ids is None else stop_ids)
+    if tokenizer is None and stop:
+        raise ParamError("stop strings need a tokenizer; this model has none")
+    if stop_ids is None:
+        stop_ids = tokenizer.eos_ids if tokenizer is not None else ()
+    stop_set = set() if ignore_eos else set(stop_ids)
     return _run(step, tokenizer, list(prompt_ids), max_tokens, sampling, StopStrings(stop or []), stop_set)
+
+
+class _NoText:
+    """The decoder of a model without a tokenizer: events carry token ids and no text."""
+
+    def push(self, token: int) -> str:
+        return ""
+
+    def flush(self) -> str:
+        return ""
 
 
 def _run(
     step: StepFn,
-    tokenizer: Tokenizer,
+    tokenizer: Tokenizer | None,
     prompt_ids: list[int],
     max_tokens: int,
     sampling: SamplingParams,
@@ -103,7 +118,7 @@ def _run(
 ) -> Iterator[GenerationEvent]:
     n_prompt = len(prompt_ids)
     sampler = Sampler(sampling)
-    decoder = StreamDecoder(tokenizer, context=prompt_ids)
+    decoder = StreamDecoder(tokenizer, context=prompt_ids) if tokenizer is not None else _NoText()
     history = list(prompt_ids)  # the repetition penalty sees the prompt too, as in transformers
 
     def event(text: str, token: int, logprob: float, finish: str | None, n: int) -> GenerationEvent:

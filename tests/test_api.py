@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import ternlm
+from ternlm import kernels
 from ternlm.cli import main
 
 
@@ -190,3 +191,25 @@ def test_generate_token_ids_without_tokenizer(tmp_path) -> None:
         bare.generate("text", max_tokens=2)
     with pytest.raises(ternlm.TernlmError, match="stop strings"):
         bare.generate([1, 2], max_tokens=2, stop=["x"])
+
+
+def test_blocked_prefill_attention_matches_decode_attention(model: ternlm.Model) -> None:
+    """300 queries span several prefill attention blocks; every position must equal the C decode kernel's
+    attention over the same cache. (Compared below the int8 quantization: whole-model logits of this
+    random model are chaotic, one flipped rounding moves every later position by ~1e-2.)"""
+    from ternlm.kvcache import KVCache
+
+    c, t = model.config, model.transformer
+    qkv = np.random.default_rng(5).standard_normal((300, c.q_dim + 2 * c.kv_dim)).astype(np.float32)
+    start = 7  # a prompt continuing an earlier one
+    prefill_cache, decode_cache = KVCache(c, 400), KVCache(c, 400)
+    past = np.random.default_rng(6).standard_normal(prefill_cache.k[0, :, :start].shape).astype(np.float32)
+    for cache in (prefill_cache, decode_cache):
+        cache.k[0, :, :start] = cache.v[0, :, :start] = past
+    blocked = t.attention_prefill(qkv, 0, prefill_cache, start)
+    one_by_one = np.stack([
+        kernels.attention_decode(qkv[j], decode_cache.k[0], decode_cache.v[0], start + j, t.rope.cos[start + j],
+                                 t.rope.sin[start + j], c.n_heads, t.scale, decode_cache.scores)
+        for j in range(len(qkv))])
+    np.testing.assert_allclose(blocked, one_by_one, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(prefill_cache.k, decode_cache.k, rtol=1e-6, atol=1e-6)

@@ -13,6 +13,8 @@ from ternlm.errors import ParamError, ShapeError
 from ternlm.kvcache import KVCache
 from ternlm.layers import LAYOUTS, FloatMatrix, Q4Matrix, Q8Matrix, Rope, TernaryLinear, rms_norm
 
+PREFILL_BLOCK = 128  # queries per block of prefill attention
+
 
 @dataclass
 class LayerWeights:
@@ -124,15 +126,24 @@ class Transformer:
         keys, values = cache.store(i, start, k, v)  # (kv_heads, s, head_dim), s = start + t
 
         # Grouped-query attention: the query heads sharing a KV head are stacked along the token axis.
+        # Queries go in blocks, each against only the keys it can see: causal attention does half the
+        # work of a full square, and the score buffers stay small.
         group = c.n_heads // c.n_kv_heads
-        s = keys.shape[1]
-        scores = (q.reshape(c.n_kv_heads, group * t, c.head_dim) @ keys.transpose(0, 2, 1)) * self.scale
-        scores = scores.reshape(c.n_kv_heads, group, t, s)
-        # causal mask: position start+j sees keys 0..start+j
-        scores = np.where(np.arange(s) <= start + np.arange(t)[:, None], scores, -np.inf)
-        scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
-        probs = (scores / scores.sum(axis=-1, keepdims=True)).reshape(c.n_kv_heads, group * t, s)
-        return (probs @ values).reshape(c.n_heads, t, c.head_dim).transpose(1, 0, 2).reshape(t, c.q_dim)
+        q = q.reshape(c.n_kv_heads, group, t, c.head_dim)
+        out = np.empty_like(q)
+        for b0 in range(0, t, PREFILL_BLOCK):
+            b1 = min(b0 + PREFILL_BLOCK, t)
+            s = start + b1  # keys visible to the block's last query
+            qb = q[:, :, b0:b1].reshape(c.n_kv_heads, group * (b1 - b0), c.head_dim)
+            scores = (qb @ keys[:, :s].transpose(0, 2, 1)).reshape(c.n_kv_heads, group, b1 - b0, s)
+            scores *= self.scale
+            scores[..., np.arange(s) > start + np.arange(b0, b1)[:, None]] = -np.inf  # position start+j sees 0..start+j
+            scores -= scores.max(axis=-1, keepdims=True)
+            np.exp(scores, out=scores)
+            scores /= scores.sum(axis=-1, keepdims=True)
+            probs = scores.reshape(c.n_kv_heads, group * (b1 - b0), s)
+            out[:, :, b0:b1] = (probs @ values[:, :s]).reshape(c.n_kv_heads, group, b1 - b0, c.head_dim)
+        return out.reshape(c.n_heads, t, c.head_dim).transpose(1, 0, 2).reshape(t, c.q_dim)
 
     def mlp(self, x: np.ndarray, w: LayerWeights) -> np.ndarray:
         z = kernels.glu(w.gate_up(x), self.config.hidden_act)  # (t, ffn_dim)

@@ -47,6 +47,22 @@ INLINE float dot(const float *a, const float *b, int64_t n) {
     return s;
 }
 
+/* scores[h * ld] = (q[h] . key) * scale for nh (<= 4) query heads sharing one key row: the key is
+ * loaded once and the heads' sums run as independent chains. */
+INLINE void score_heads(const float *q, int nh, const float *key, int hd, float scale, float *scores, int64_t ld) {
+    v16 acc[4] = {{0}};
+    int j = 0;
+    for (; j + 16 <= hd; j += 16) {
+        const v16 k = load16(key + j);
+        for (int h = 0; h < nh; h++) acc[h] += load16(q + h * hd + j) * k;
+    }
+    for (int h = 0; h < nh; h++) {
+        float sum = hsum16(acc[h]);
+        for (int t = j; t < hd; t++) sum += q[h * hd + t] * key[t];
+        scores[h * ld] = sum * scale;
+    }
+}
+
 INLINE float sum_squares(const float *x, int64_t n) { return dot(x, x, n); }
 
 /* e^x for x <= 0 (softmax after subtracting the max), within 2 ulp: Cody-Waite reduction x = n ln2 + r
@@ -69,30 +85,33 @@ INLINE float exp_nonpositive(float x) {
     return p * two_n;
 }
 
-/* out (hd) = sum_s p[s] * values[s] (len, hd): 64 output columns at a time held in four vector
- * registers across all positions, instead of a load and store of the output row per position. */
-INLINE void weigh_values(const float *p, const float *values, int64_t len, int hd, float *out) {
+/* out[h] (hd) = sum_s p[h][s] * values[s] for the query heads h < nh (<= 4) of one KV head; p rows are
+ * ld apart. 64 output columns of every head are held in 16 vector registers across all positions, so
+ * each value row is read once for all heads instead of once per head. */
+INLINE void weigh_values(const float *p, int64_t ld, int nh, const float *values, int64_t len, int hd,
+                         float *out) {
     int d0 = 0;
     for (; d0 + 64 <= hd; d0 += 64) {
-        v16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+        v16 acc[4][4] = {{{0}}};
         for (int64_t s = 0; s < len; s++) {
             const float *v = values + s * hd + d0;
-            const v16 ps = (v16){0} + p[s];
-            a0 += ps * load16(v);
-            a1 += ps * load16(v + 16);
-            a2 += ps * load16(v + 32);
-            a3 += ps * load16(v + 48);
+            const v16 v0 = load16(v), v1 = load16(v + 16), v2 = load16(v + 32), v3 = load16(v + 48);
+            for (int h = 0; h < nh; h++) {
+                const v16 ps = (v16){0} + p[h * ld + s];
+                acc[h][0] += ps * v0;
+                acc[h][1] += ps * v1;
+                acc[h][2] += ps * v2;
+                acc[h][3] += ps * v3;
+            }
         }
-        memcpy(out + d0, &a0, sizeof a0);
-        memcpy(out + d0 + 16, &a1, sizeof a1);
-        memcpy(out + d0 + 32, &a2, sizeof a2);
-        memcpy(out + d0 + 48, &a3, sizeof a3);
+        for (int h = 0; h < nh; h++) memcpy(out + h * hd + d0, acc[h], sizeof acc[h]);
     }
-    for (; d0 < hd; d0++) {
-        float acc = 0.0f;
-        for (int64_t s = 0; s < len; s++) acc += p[s] * values[s * hd + d0];
-        out[d0] = acc;
-    }
+    for (; d0 < hd; d0++)
+        for (int h = 0; h < nh; h++) {
+            float a = 0.0f;
+            for (int64_t s = 0; s < len; s++) a += p[h * ld + s] * values[s * hd + d0];
+            out[h * hd + d0] = a;
+        }
 }
 
 CLONES int tl_rmsnorm(const float *x, const float *w, float eps, int64_t m, int64_t k, float *y) {
@@ -156,7 +175,9 @@ CLONES static void attend_kv_heads(void *arg, int64_t g0, int64_t g1) {
         float *scores = j->scores + g * group * j->max_len; /* (group, max_len) */
         for (int h = 0; h < group; h++) rope(j->qkv + (g * group + h) * hd, j->cos, j->sin, hd, qr + h * hd);
         for (int64_t s = 0; s < j->len; s++)
-            for (int h = 0; h < group; h++) scores[h * j->max_len + s] = dot(qr + h * hd, keys + s * hd, hd) * j->scale;
+            for (int h = 0; h < group; h += 4)
+                score_heads(qr + h * hd, group - h < 4 ? group - h : 4, keys + s * hd, hd, j->scale,
+                            scores + h * j->max_len + s, j->max_len);
         for (int h = 0; h < group; h++) {
             float *sc = scores + h * j->max_len, top = -INFINITY, total = 0.0f;
             for (int64_t s = 0; s < j->len; s++) top = sc[s] > top ? sc[s] : top;
@@ -164,8 +185,9 @@ CLONES static void attend_kv_heads(void *arg, int64_t g0, int64_t g1) {
             for (int64_t s = 0; s < j->len; s++) total += sc[s];
             for (int64_t s = 0; s < j->len; s++) sc[s] /= total;
         }
-        for (int h = 0; h < group; h++) weigh_values(scores + h * j->max_len, values, j->len, hd,
-                                                     j->out + (g * group + h) * hd);
+        for (int h = 0; h < group; h += 4)
+            weigh_values(scores + h * j->max_len, j->max_len, group - h < 4 ? group - h : 4, values, j->len, hd,
+                         j->out + (g * group + h) * hd);
     }
 }
 

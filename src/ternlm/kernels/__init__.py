@@ -106,97 +106,64 @@ def quantize_activations(
     return out
 
 
-def _matmul_sizes(packed: np.ndarray, xq: np.ndarray) -> tuple[int, int, int]:
+# Packed ternary layouts: codes per byte, the extension's kernel, the numpy references (float, int32).
+_LAYOUTS = {
+    "i2": (4, "ternary_matmul", _ref.ternary_matmul, _ref.ternary_matmul_i32),
+    "tq1": (5, "ternary_matmul_tq1", _ref.ternary_matmul_tq1, _ref.ternary_matmul_tq1_i32),
+}
+
+
+def _ternary(layout: str, packed: np.ndarray, xq: np.ndarray, a_scale: np.ndarray | None, sums: np.ndarray,
+             w_scale: float | np.ndarray | None, out: np.ndarray | None) -> np.ndarray:
+    """The float output (a_scale and w_scale given) or the exact int32 accumulator (both None)."""
+    per_byte, ext_name, ref_float, ref_i32 = _LAYOUTS[layout]
     n, kq = _shape2(packed, "packed")
     m, k_pad = _shape2(xq, "xq")
-    if kq * 4 != k_pad:
-        raise ShapeError(f"k_pad mismatch: packed {packed.shape} holds k_pad = {kq * 4}, xq {xq.shape}")
-    return n, m, k_pad
+    if kq * per_byte != k_pad:
+        raise ShapeError(f"k_pad mismatch: {layout} packed {packed.shape} holds k_pad = {kq * per_byte}, "
+                         f"xq {xq.shape}")
+    if isinstance(w_scale, np.ndarray):
+        if w_scale.shape != (n,) or w_scale.dtype != _F32:
+            raise ShapeError(f"w_scale: expected float32 ({n},), got {w_scale.dtype} {w_scale.shape}")
+    elif w_scale is not None:
+        w_scale = float(w_scale)
+    raw = a_scale is None
+    out = _output(out, (m, n), _I32 if raw else _F32)
+    if _ext is None:
+        out[...] = ref_i32(packed, xq, sums) if raw else ref_float(packed, xq, a_scale, sums, w_scale)
+    elif raw:  # a_scale is unused for the raw accumulator
+        getattr(_ext, ext_name)(packed, n, k_pad, xq, sums, np.ones(m, _F32), 1.0, m, None, out)
+    else:
+        getattr(_ext, ext_name)(packed, n, k_pad, xq, sums, a_scale, w_scale, m, out, None)
+    return out
 
 
-def ternary_matmul(
-    packed: np.ndarray,
-    xq: np.ndarray,
-    a_scale: np.ndarray,
-    sums: np.ndarray,
-    w_scale: float | np.ndarray,
-    out: np.ndarray | None = None,
-) -> np.ndarray:
+def ternary_matmul(packed: np.ndarray, xq: np.ndarray, a_scale: np.ndarray, sums: np.ndarray,
+                   w_scale: float | np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """y float32 (m, n) = (xq (m, k_pad) · unpack(packed (n, k_pad/4))ᵀ) * (w_scale / a_scale[i]).
 
     ``w_scale`` is a float, or a float32 array (n,) of one scale per output row (fused projections).
     """
-    n, m, k_pad = _matmul_sizes(packed, xq)
-    if isinstance(w_scale, np.ndarray):
-        if w_scale.shape != (n,) or w_scale.dtype != _F32:
-            raise ShapeError(f"w_scale: expected float32 ({n},), got {w_scale.dtype} {w_scale.shape}")
-    else:
-        w_scale = float(w_scale)
-    out = _output(out, (m, n), _F32)
-    if _ext is None:
-        out[...] = _ref.ternary_matmul(packed, xq, a_scale, sums, w_scale)
-    else:
-        _ext.ternary_matmul(packed, n, k_pad, xq, sums, a_scale, w_scale, m, out, None)
-    return out
+    return _ternary("i2", packed, xq, a_scale, sums, w_scale, out)
 
 
-def ternary_matmul_i32(
-    packed: np.ndarray, xq: np.ndarray, sums: np.ndarray, out: np.ndarray | None = None
-) -> np.ndarray:
+def ternary_matmul_i32(packed: np.ndarray, xq: np.ndarray, sums: np.ndarray,
+                       out: np.ndarray | None = None) -> np.ndarray:
     """The exact int32 accumulator (m, n) = Σ_j w[r, j] · xq[i, j] (sums must be the row sums of xq)."""
-    n, m, k_pad = _matmul_sizes(packed, xq)
-    out = _output(out, (m, n), _I32)
-    if _ext is None:
-        out[...] = _ref.ternary_matmul_i32(packed, xq, sums)
-    else:
-        # a_scale is unused for the raw accumulator; sums doubles as a buffer of the right length
-        _ext.ternary_matmul(packed, n, k_pad, xq, sums, np.ones(m, _F32), 1.0, m, None, out)
-    return out
+    return _ternary("i2", packed, xq, None, sums, None, out)
 
 
-def _matmul_sizes_tq1(packed: np.ndarray, xq: np.ndarray) -> tuple[int, int, int]:
-    n, kq = _shape2(packed, "packed")
-    m, k_pad = _shape2(xq, "xq")
-    if kq * 5 != k_pad:
-        raise ShapeError(f"k_pad mismatch: TQ1 packed {packed.shape} holds k_pad = {kq * 5}, xq {xq.shape}")
-    return n, m, k_pad
-
-
-def ternary_matmul_tq1(
-    packed: np.ndarray,
-    xq: np.ndarray,
-    a_scale: np.ndarray,
-    sums: np.ndarray,
-    w_scale: float | np.ndarray,
-    out: np.ndarray | None = None,
-) -> np.ndarray:
+def ternary_matmul_tq1(packed: np.ndarray, xq: np.ndarray, a_scale: np.ndarray, sums: np.ndarray,
+                       w_scale: float | np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """``ternary_matmul`` for TQ1 weights (n, k_pad/5) (``ternary.pack_tq1``); xq (m, k_pad), k_pad % 320 == 0
     (``quantize_activations(x, k_pad=ternary.padded_k_tq1(k))``). Same output formula and scales."""
-    n, m, k_pad = _matmul_sizes_tq1(packed, xq)
-    if isinstance(w_scale, np.ndarray):
-        if w_scale.shape != (n,) or w_scale.dtype != _F32:
-            raise ShapeError(f"w_scale: expected float32 ({n},), got {w_scale.dtype} {w_scale.shape}")
-    else:
-        w_scale = float(w_scale)
-    out = _output(out, (m, n), _F32)
-    if _ext is None:
-        out[...] = _ref.ternary_matmul_tq1(packed, xq, a_scale, sums, w_scale)
-    else:
-        _ext.ternary_matmul_tq1(packed, n, k_pad, xq, sums, a_scale, w_scale, m, out, None)
-    return out
+    return _ternary("tq1", packed, xq, a_scale, sums, w_scale, out)
 
 
-def ternary_matmul_tq1_i32(
-    packed: np.ndarray, xq: np.ndarray, sums: np.ndarray, out: np.ndarray | None = None
-) -> np.ndarray:
+def ternary_matmul_tq1_i32(packed: np.ndarray, xq: np.ndarray, sums: np.ndarray,
+                           out: np.ndarray | None = None) -> np.ndarray:
     """The exact int32 accumulator (m, n) for TQ1 weights (see ``ternary_matmul_i32``)."""
-    n, m, k_pad = _matmul_sizes_tq1(packed, xq)
-    out = _output(out, (m, n), _I32)
-    if _ext is None:
-        out[...] = _ref.ternary_matmul_tq1_i32(packed, xq, sums)
-    else:
-        _ext.ternary_matmul_tq1(packed, n, k_pad, xq, sums, np.ones(m, _F32), 1.0, m, None, out)
-    return out
+    return _ternary("tq1", packed, xq, None, sums, None, out)
 
 
 def quantize_act_q8_0(x: np.ndarray, out: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -624,44 +624,6 @@ INLINE void q8_group(const int NR, const int MT, const int tail, const int8_t *w
     }
 }
 
-INLINE void q8_tile(const int NR, const int MT, const int8_t *w, const uint16_t *wd, int64_t k, int64_t r,
-                    const int8_t *xq, const float *xd, int64_t i, int64_t ldy, float *y) {
-    const int64_t nb = k / TL_QBLOCK, nfull = nb / 16;
-    /* the next tile's weights (NR * k bytes, linear) and scales, one prefetch per 64 weight bytes */
-    const char *pf = (const char *)(w + (r + NR) * k) + PF_EXTRA;
-    __m512 facc[4][4];
-    for (int rr = 0; rr < NR; rr++)
-        for (int t = 0; t < MT; t++) facc[rr][t] = _mm512_setzero_ps();
-    for (int64_t g = 0; g < nfull; g++) {
-        if ((g & 1) == 0)
-            for (int rr = 0; rr < NR; rr++)
-                _mm_prefetch((const char *)(wd + (r + NR + rr) * nb) + 512 + g * 32, PF_HINT);
-        q8_group(NR, MT, 0, w, wd, k, nb, r, xq, xd, i, g, pf, facc);
-    }
-    if (nfull * 16 < nb) q8_group(NR, MT, 1, w, wd, k, nb, r, xq, xd, i, nfull, pf, facc);
-    for (int t = 0; t < MT; t++)
-        for (int rr = 0; rr < NR; rr++) y[(i + t) * ldy + r + rr] = sum16_ps(facc[rr][t]);
-}
-
-void tl_avx512_q8(const int8_t *w, const uint16_t *wd, int64_t k, int64_t r0, int64_t r1, const int8_t *xq,
-                  const float *xd, int64_t m, int64_t ldy, float *y) {
-#define QTILE(NR, MT) q8_tile(NR, MT, w, wd, k, r, xq, xd, i, ldy, y)
-#define QTOKENS(NR)                                                                                      \
-    do {                                                                                                 \
-        for (i = 0; i + 2 <= m; i += 2) QTILE(NR, 2);                                                    \
-        if (i < m) QTILE(NR, 1);                                                                         \
-    } while (0)
-    int64_t r = r0, i = 0;
-    if (m == 1) { /* GEMV: 4 rows share each activation chunk */
-        for (; r + 4 <= r1; r += 4) QTILE(4, 1);
-        for (; r < r1; r++) QTILE(1, 1);
-        return;
-    }
-    for (; r + 2 <= r1; r += 2) QTOKENS(2); /* 2 x 2: 16 live tree vectors, no spills */
-    if (r < r1) QTOKENS(1);
-#undef QTOKENS
-#undef QTILE
-}
 
 /* ---- Q4_0 (LM head) ---------------------------------------------------------------------------- */
 
@@ -728,28 +690,34 @@ INLINE void q4_group(const int NR, const int MT, const int tail, const uint8_t *
     }
 }
 
-INLINE void q4_tile(const int NR, const int MT, const uint8_t *w, const uint16_t *wd, int64_t k, int64_t r,
-                    const int8_t *xq, const float *xd, int64_t i, int64_t ldy, float *y) {
-    const int64_t nb = k / TL_QBLOCK, nfull = nb / 16;
-    /* the next tile's weights (NR * k / 2 bytes, linear) and scales, as in q8_tile */
-    const char *pf = (const char *)(w + (r + NR) * (k / 2)) + PF_EXTRA;
+/* One tile of a Q8_0 (BITS 8) or Q4_0 (BITS 4) matmul: the weight groups differ, the tiling, the scale
+ * prefetch and the final sums do not. BITS is a compile-time constant at every call. */
+INLINE void qblock_tile(const int BITS, const int NR, const int MT, const void *w, const uint16_t *wd, int64_t k,
+                        int64_t r, const int8_t *xq, const float *xd, int64_t i, int64_t ldy, float *y) {
+    const int64_t nb = k / TL_QBLOCK, nfull = nb / 16, row_bytes = k * BITS / 8;
+    /* the next tile's weights (NR rows, linear) and scales, one prefetch per 64 weight bytes */
+    const char *pf = (const char *)w + (r + NR) * row_bytes + PF_EXTRA;
     __m512 facc[4][4];
     for (int rr = 0; rr < NR; rr++)
         for (int t = 0; t < MT; t++) facc[rr][t] = _mm512_setzero_ps();
-    for (int64_t g = 0; g < nfull; g++) {
-        if ((g & 1) == 0)
+    for (int64_t g = 0; g <= nfull; g++) {
+        const int tail = g == nfull;
+        if (tail && nfull * 16 == nb) break;
+        if (!tail && (g & 1) == 0)
             for (int rr = 0; rr < NR; rr++)
                 _mm_prefetch((const char *)(wd + (r + NR + rr) * nb) + 512 + g * 32, PF_HINT);
-        q4_group(NR, MT, 0, w, wd, k, nb, r, xq, xd, i, g, pf, facc);
+        if (BITS == 8)
+            q8_group(NR, MT, tail, w, wd, k, nb, r, xq, xd, i, g, pf, facc);
+        else
+            q4_group(NR, MT, tail, w, wd, k, nb, r, xq, xd, i, g, pf, facc);
     }
-    if (nfull * 16 < nb) q4_group(NR, MT, 1, w, wd, k, nb, r, xq, xd, i, nfull, pf, facc);
     for (int t = 0; t < MT; t++)
         for (int rr = 0; rr < NR; rr++) y[(i + t) * ldy + r + rr] = sum16_ps(facc[rr][t]);
 }
 
-void tl_avx512_q4(const uint8_t *w, const uint16_t *wd, int64_t k, int64_t r0, int64_t r1, const int8_t *xq,
-                  const float *xd, int64_t m, int64_t ldy, float *y) {
-#define QTILE(NR, MT) q4_tile(NR, MT, w, wd, k, r, xq, xd, i, ldy, y)
+INLINE void qblock_rows(const int BITS, const void *w, const uint16_t *wd, int64_t k, int64_t r0, int64_t r1,
+                        const int8_t *xq, const float *xd, int64_t m, int64_t ldy, float *y) {
+#define QTILE(NR, MT) qblock_tile(BITS, NR, MT, w, wd, k, r, xq, xd, i, ldy, y)
 #define QTOKENS(NR)                                                                                      \
     do {                                                                                                 \
         for (i = 0; i + 2 <= m; i += 2) QTILE(NR, 2);                                                    \
@@ -761,10 +729,20 @@ void tl_avx512_q4(const uint8_t *w, const uint16_t *wd, int64_t k, int64_t r0, i
         for (; r < r1; r++) QTILE(1, 1);
         return;
     }
-    for (; r + 2 <= r1; r += 2) QTOKENS(2);
+    for (; r + 2 <= r1; r += 2) QTOKENS(2); /* 2 x 2: 16 live tree vectors, no spills */
     if (r < r1) QTOKENS(1);
 #undef QTOKENS
 #undef QTILE
+}
+
+void tl_avx512_q8(const int8_t *w, const uint16_t *wd, int64_t k, int64_t r0, int64_t r1, const int8_t *xq,
+                  const float *xd, int64_t m, int64_t ldy, float *y) {
+    qblock_rows(8, w, wd, k, r0, r1, xq, xd, m, ldy, y);
+}
+
+void tl_avx512_q4(const uint8_t *w, const uint16_t *wd, int64_t k, int64_t r0, int64_t r1, const int8_t *xq,
+                  const float *xd, int64_t m, int64_t ldy, float *y) {
+    qblock_rows(4, w, wd, k, r0, r1, xq, xd, m, ldy, y);
 }
 
 #else

@@ -362,6 +362,10 @@ static int get_buf(PyObject *obj, const char *name, char fmt, Py_ssize_t itemsiz
     return -1;
 }
 
+static void release_all(Py_buffer *views, int n) {
+    for (int i = 0; i < n; i++) PyBuffer_Release(&views[i]);
+}
+
 static int get_i64(PyObject *o, const char *name, int64_t *out) {
     long long v = PyLong_AsLongLong(o);
     if (v == -1 && PyErr_Occurred()) {
@@ -522,76 +526,39 @@ fail_x:
     return NULL;
 }
 
-/* q8_matmul(w, wd, n, k, xq, xd, m, y) */
-static PyObject *py_q8_matmul(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    (void)self;
+/* q8_matmul / q4_matmul(w, wd, n, k, xq, xd, m, y): Q8_0 or Q4_0 weights (bits 8 or 4), Q8_0 activations */
+static PyObject *qblock_matmul(PyObject *const *args, Py_ssize_t nargs, int bits, const char *fn) {
     int64_t s[3];
-    if (check_nargs(nargs, 8, "q8_matmul") || get_i64(args[2], "n", &s[0]) || get_i64(args[3], "k", &s[1]) ||
-        get_i64(args[6], "m", &s[2]) || check_sizes(3, s, "q8_matmul") || check_qblock(s[1], "q8_matmul"))
+    if (check_nargs(nargs, 8, fn) || get_i64(args[2], "n", &s[0]) || get_i64(args[3], "k", &s[1]) ||
+        get_i64(args[6], "m", &s[2]) || check_sizes(3, s, fn) || check_qblock(s[1], fn))
         return NULL;
     const int64_t n = s[0], k = s[1], m = s[2];
-    Py_buffer w, wd, xq, xd, y;
-    if (get_buf(args[0], "q", 'b', 1, cnt(n, k), 0, &w)) return NULL;
-    if (get_buf(args[1], "d", 'e', 2, cnt(n, k / TL_QBLOCK), 0, &wd)) goto fail_w;
-    if (get_buf(args[4], "xq", 'b', 1, cnt(m, k), 0, &xq)) goto fail_wd;
-    if (get_buf(args[5], "xd", 'f', 4, cnt(m, k / TL_QBLOCK), 0, &xd)) goto fail_xq;
-    if (get_buf(args[7], "out", 'f', 4, cnt(m, n), 1, &y)) goto fail_xd;
+    Py_buffer b[5];
+    int nb = 0;
+    if (get_buf(args[0], bits == 8 ? "q" : "q4", bits == 8 ? 'b' : 'B', 1, cnt(n, k * bits / 8), 0, &b[nb]) ||
+        (++nb, 0) || get_buf(args[1], "d", 'e', 2, cnt(n, k / TL_QBLOCK), 0, &b[nb]) || (++nb, 0) ||
+        get_buf(args[4], "xq", 'b', 1, cnt(m, k), 0, &b[nb]) || (++nb, 0) ||
+        get_buf(args[5], "xd", 'f', 4, cnt(m, k / TL_QBLOCK), 0, &b[nb]) || (++nb, 0) ||
+        get_buf(args[7], "out", 'f', 4, cnt(m, n), 1, &b[nb]) || (++nb, 0))
+        return release_all(b, nb), NULL;
     int st;
     Py_BEGIN_ALLOW_THREADS
-    st = tl_q8_matmul(w.buf, wd.buf, n, k, xq.buf, xd.buf, m, y.buf);
+    st = bits == 8 ? tl_q8_matmul(b[0].buf, b[1].buf, n, k, b[2].buf, b[3].buf, m, b[4].buf)
+                   : tl_q4_matmul(b[0].buf, b[1].buf, n, k, b[2].buf, b[3].buf, m, b[4].buf);
     Py_END_ALLOW_THREADS
-    PyBuffer_Release(&y);
-    PyBuffer_Release(&xd);
-    PyBuffer_Release(&xq);
-    PyBuffer_Release(&wd);
-    PyBuffer_Release(&w);
+    release_all(b, nb);
     if (st != TL_OK) return raise_status(st), NULL;
     Py_RETURN_NONE;
-fail_xd:
-    PyBuffer_Release(&xd);
-fail_xq:
-    PyBuffer_Release(&xq);
-fail_wd:
-    PyBuffer_Release(&wd);
-fail_w:
-    PyBuffer_Release(&w);
-    return NULL;
 }
 
-/* q4_matmul(q4, wd, n, k, xq, xd, m, y) */
+static PyObject *py_q8_matmul(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    return qblock_matmul(args, nargs, 8, "q8_matmul");
+}
+
 static PyObject *py_q4_matmul(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    int64_t s[3];
-    if (check_nargs(nargs, 8, "q4_matmul") || get_i64(args[2], "n", &s[0]) || get_i64(args[3], "k", &s[1]) ||
-        get_i64(args[6], "m", &s[2]) || check_sizes(3, s, "q4_matmul") || check_qblock(s[1], "q4_matmul"))
-        return NULL;
-    const int64_t n = s[0], k = s[1], m = s[2];
-    Py_buffer w, wd, xq, xd, y;
-    if (get_buf(args[0], "q4", 'B', 1, cnt(n, k / 2), 0, &w)) return NULL;
-    if (get_buf(args[1], "d", 'e', 2, cnt(n, k / TL_QBLOCK), 0, &wd)) goto fail_w;
-    if (get_buf(args[4], "xq", 'b', 1, cnt(m, k), 0, &xq)) goto fail_wd;
-    if (get_buf(args[5], "xd", 'f', 4, cnt(m, k / TL_QBLOCK), 0, &xd)) goto fail_xq;
-    if (get_buf(args[7], "out", 'f', 4, cnt(m, n), 1, &y)) goto fail_xd;
-    int st;
-    Py_BEGIN_ALLOW_THREADS
-    st = tl_q4_matmul(w.buf, wd.buf, n, k, xq.buf, xd.buf, m, y.buf);
-    Py_END_ALLOW_THREADS
-    PyBuffer_Release(&y);
-    PyBuffer_Release(&xd);
-    PyBuffer_Release(&xq);
-    PyBuffer_Release(&wd);
-    PyBuffer_Release(&w);
-    if (st != TL_OK) return raise_status(st), NULL;
-    Py_RETURN_NONE;
-fail_xd:
-    PyBuffer_Release(&xd);
-fail_xq:
-    PyBuffer_Release(&xq);
-fail_wd:
-    PyBuffer_Release(&wd);
-fail_w:
-    PyBuffer_Release(&w);
-    return NULL;
+    return qblock_matmul(args, nargs, 4, "q4_matmul");
 }
 
 /* float_matmul(w, dtype, n, k, x, m, y) with dtype 0 = f32, 1 = f16, 2 = bf16 (uint16 storage) */
@@ -704,10 +671,6 @@ static PyObject *py_set_exceptions(PyObject *self, PyObject *args) {
 }
 
 /* ---- fused float ops ----------------------------------------------------------------------------- */
-
-static void release_all(Py_buffer *views, int n) {
-    for (int i = 0; i < n; i++) PyBuffer_Release(&views[i]);
-}
 
 static int get_f32(PyObject *o, const char *name, float *out) {
     double v = PyFloat_AsDouble(o);

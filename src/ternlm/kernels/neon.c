@@ -292,6 +292,14 @@ void tl_neon_q8_quantize(const float *x, int64_t m, int64_t k, int8_t *xq, float
  * (128 columns) starting at block b (b % 4 == 0) adds to facc[(b % 16) / 4]: 2 sdot per block, then a
  * pairwise-add tree (exact in integers) to one int32 per block. Then, in float32 as in ref.c,
  * p = float(isum) * (float(wd) * xd): one rounding per multiply, no fused multiply-add. */
+/* The fixed float order of the Q8_0/Q4_0 sums: lane l + 8 -> l, l + 4 -> l, l + 2 -> l, lane 0 + lane 1. */
+INLINE float lane_tree(const float lane[16]) {
+    float32x4_t v0 = vaddq_f32(vld1q_f32(lane), vld1q_f32(lane + 8));
+    v0 = vaddq_f32(v0, vaddq_f32(vld1q_f32(lane + 4), vld1q_f32(lane + 12)));
+    const float32x2_t h = vadd_f32(vget_low_f32(v0), vget_high_f32(v0));
+    return vget_lane_f32(h, 0) + vget_lane_f32(h, 1);
+}
+
 INLINE void q8_tile(const int NR, const int MT, const int8_t *w, const uint16_t *wd, int64_t k, int64_t r,
                     const int8_t *xq, const float *xd, int64_t i, int64_t ldy, float *y) {
     const int64_t nb = k / TL_QBLOCK, nq = nb / 4;
@@ -336,34 +344,10 @@ INLINE void q8_tile(const int NR, const int MT, const int8_t *w, const uint16_t 
                 const float sc = tl_f16_to_f32(wd[(r + rr) * nb + b]) * xd[(i + t) * nb + b];
                 lane[b % 16] += (float)vaddvq_s32(d) * sc;
             }
-            /* the fixed tree: l + 8 -> l, l + 4 -> l, l + 2 -> l, lane 0 + lane 1 */
-            float32x4_t v0 = vaddq_f32(vld1q_f32(lane), vld1q_f32(lane + 8));
-            const float32x4_t v1 = vaddq_f32(vld1q_f32(lane + 4), vld1q_f32(lane + 12));
-            v0 = vaddq_f32(v0, v1);
-            const float32x2_t h = vadd_f32(vget_low_f32(v0), vget_high_f32(v0));
-            y[(i + t) * ldy + r + rr] = vget_lane_f32(h, 0) + vget_lane_f32(h, 1);
+            y[(i + t) * ldy + r + rr] = lane_tree(lane);
         }
 }
 
-void tl_neon_q8(const int8_t *w, const uint16_t *wd, int64_t k, int64_t r0, int64_t r1, const int8_t *xq,
-                const float *xd, int64_t m, int64_t ldy, float *y) {
-#define QTILE(NR, MT) q8_tile(NR, MT, w, wd, k, r, xq, xd, i, ldy, y)
-#define QTOKENS(NR)                                                                                      \
-    do {                                                                                                 \
-        for (i = 0; i + 2 <= m; i += 2) QTILE(NR, 2);                                                    \
-        if (i < m) QTILE(NR, 1);                                                                         \
-    } while (0)
-    int64_t r = r0, i = 0;
-    if (m == 1) { /* GEMV: 4 rows share each activation quad */
-        for (; r + 4 <= r1; r += 4) QTILE(4, 1);
-        for (; r < r1; r++) QTILE(1, 1);
-        return;
-    }
-    for (; r + 2 <= r1; r += 2) QTOKENS(2);
-    if (r < r1) QTOKENS(1);
-#undef QTOKENS
-#undef QTILE
-}
 
 /* ---- Q4_0 (LM head) ---------------------------------------------------------------------------- */
 
@@ -416,24 +400,22 @@ INLINE void q4_tile(const int NR, const int MT, const uint8_t *w, const uint16_t
                 const float sc = tl_f16_to_f32(wd[(r + rr) * nb + b]) * xd[(i + t) * nb + b];
                 lane[b % 16] += (float)vaddvq_s32(d) * sc;
             }
-            float32x4_t v0 = vaddq_f32(vld1q_f32(lane), vld1q_f32(lane + 8));
-            const float32x4_t v1 = vaddq_f32(vld1q_f32(lane + 4), vld1q_f32(lane + 12));
-            v0 = vaddq_f32(v0, v1);
-            const float32x2_t h = vadd_f32(vget_low_f32(v0), vget_high_f32(v0));
-            y[(i + t) * ldy + r + rr] = vget_lane_f32(h, 0) + vget_lane_f32(h, 1);
+            y[(i + t) * ldy + r + rr] = lane_tree(lane);
         }
 }
 
-void tl_neon_q4(const uint8_t *w, const uint16_t *wd, int64_t k, int64_t r0, int64_t r1, const int8_t *xq,
-                const float *xd, int64_t m, int64_t ldy, float *y) {
-#define QTILE(NR, MT) q4_tile(NR, MT, w, wd, k, r, xq, xd, i, ldy, y)
+/* Tiles of a Q8_0 (BITS 8) or Q4_0 (BITS 4) matmul over rows [r0, r1); BITS is a compile-time constant. */
+INLINE void qblock_rows(const int BITS, const void *w, const uint16_t *wd, int64_t k, int64_t r0, int64_t r1,
+                        const int8_t *xq, const float *xd, int64_t m, int64_t ldy, float *y) {
+#define QTILE(NR, MT)                                                                                    \
+    (BITS == 8 ? q8_tile(NR, MT, w, wd, k, r, xq, xd, i, ldy, y) : q4_tile(NR, MT, w, wd, k, r, xq, xd, i, ldy, y))
 #define QTOKENS(NR)                                                                                      \
     do {                                                                                                 \
         for (i = 0; i + 2 <= m; i += 2) QTILE(NR, 2);                                                    \
         if (i < m) QTILE(NR, 1);                                                                         \
     } while (0)
     int64_t r = r0, i = 0;
-    if (m == 1) {
+    if (m == 1) { /* GEMV: 4 rows share each activation quad */
         for (; r + 4 <= r1; r += 4) QTILE(4, 1);
         for (; r < r1; r++) QTILE(1, 1);
         return;
@@ -442,6 +424,16 @@ void tl_neon_q4(const uint8_t *w, const uint16_t *wd, int64_t k, int64_t r0, int
     if (r < r1) QTOKENS(1);
 #undef QTOKENS
 #undef QTILE
+}
+
+void tl_neon_q8(const int8_t *w, const uint16_t *wd, int64_t k, int64_t r0, int64_t r1, const int8_t *xq,
+                const float *xd, int64_t m, int64_t ldy, float *y) {
+    qblock_rows(8, w, wd, k, r0, r1, xq, xd, m, ldy, y);
+}
+
+void tl_neon_q4(const uint8_t *w, const uint16_t *wd, int64_t k, int64_t r0, int64_t r1, const int8_t *xq,
+                const float *xd, int64_t m, int64_t ldy, float *y) {
+    qblock_rows(4, w, wd, k, r0, r1, xq, xd, m, ldy, y);
 }
 
 #else

@@ -186,26 +186,29 @@ def quantize_activations(x: np.ndarray, k_pad: int | None = None) -> tuple[np.nd
 # ---- matmuls -------------------------------------------------------------------------------------
 
 
-def _check_matmul(packed: np.ndarray, xq: np.ndarray, sums: np.ndarray) -> None:
+def _check_matmul(packed: np.ndarray, xq: np.ndarray, sums: np.ndarray, per_byte: int, block: int) -> None:
     _check_2d(packed, "packed", np.uint8)
     _check_2d(xq, "xq", np.int8)
-    if packed.shape[1] * 4 != xq.shape[1] or xq.shape[1] % BLOCK != 0:
-        raise ShapeError(
-            f"k_pad mismatch: packed {packed.shape} holds k_pad = {packed.shape[1] * 4}, xq has {xq.shape[1]}"
-        )
+    if packed.shape[1] * per_byte != xq.shape[1] or xq.shape[1] % block != 0:
+        raise ShapeError(f"k_pad mismatch: packed {packed.shape} holds k_pad = {packed.shape[1] * per_byte}, "
+                         f"xq has {xq.shape[1]}")
     if sums.shape != (xq.shape[0],):
         raise ShapeError(f"sums: expected shape ({xq.shape[0]},), got {sums.shape}")
 
 
-def ternary_matmul_i32(packed: np.ndarray, xq: np.ndarray, sums: np.ndarray) -> np.ndarray:
-    """Exact int32 accumulator (m, n): ``sum_j c[r, j] * xq[i, j] - sums[i]`` = ``sum_j w[r, j] * xq[i, j]``."""
-    _check_matmul(packed, xq, sums)
-    codes = unpack_codes(packed, packed.shape[1] * 4)
+def _accumulate(codes: np.ndarray, xq: np.ndarray, sums: np.ndarray) -> np.ndarray:
+    """Exact int32 ``sum_j c[r, j] * xq[i, j] - sums[i]`` from codes (n, k_pad) in {0, 1, 2}."""
     # Float BLAS on integer values is exact while every partial sum stays below 2^24 (float32) or
     # 2^53 (float64): |sum c * xq| <= 2 * 128 * k_pad. Much faster than numpy's integer matmul.
-    ftype = np.float32 if packed.shape[1] * 4 <= 1 << 16 else np.float64
+    ftype = np.float32 if codes.shape[1] <= 1 << 16 else np.float64
     acc = xq.astype(ftype) @ codes.T.astype(ftype)
     return acc.astype(np.int32) - sums.astype(np.int32)[:, None]
+
+
+def ternary_matmul_i32(packed: np.ndarray, xq: np.ndarray, sums: np.ndarray) -> np.ndarray:
+    """Exact int32 accumulator (m, n): ``sum_j c[r, j] * xq[i, j] - sums[i]`` = ``sum_j w[r, j] * xq[i, j]``."""
+    _check_matmul(packed, xq, sums, 4, BLOCK)
+    return _accumulate(unpack_codes(packed, packed.shape[1] * 4), xq, sums)
 
 
 def ternary_matmul(
@@ -228,24 +231,10 @@ def ternary_matmul(
     return acc.astype(np.float32) * ratio[:, None]
 
 
-def _check_matmul_tq1(packed: np.ndarray, xq: np.ndarray, sums: np.ndarray) -> None:
-    _check_2d(packed, "packed", np.uint8)
-    _check_2d(xq, "xq", np.int8)
-    if packed.shape[1] * 5 != xq.shape[1] or xq.shape[1] % TQ1_BLOCK != 0:
-        raise ShapeError(
-            f"k_pad mismatch: TQ1 packed {packed.shape} holds k_pad = {packed.shape[1] * 5}, xq has {xq.shape[1]}"
-        )
-    if sums.shape != (xq.shape[0],):
-        raise ShapeError(f"sums: expected shape ({xq.shape[0]},), got {sums.shape}")
-
-
 def ternary_matmul_tq1_i32(packed: np.ndarray, xq: np.ndarray, sums: np.ndarray) -> np.ndarray:
     """``ternary_matmul_i32`` for TQ1-packed weights (n, k_pad // 5) and xq (m, k_pad), k_pad % 320 == 0."""
-    _check_matmul_tq1(packed, xq, sums)
-    codes = unpack_codes_tq1(packed, packed.shape[1] * 5)
-    ftype = np.float32 if packed.shape[1] * 5 <= 1 << 16 else np.float64
-    acc = xq.astype(ftype) @ codes.T.astype(ftype)
-    return acc.astype(np.int32) - sums.astype(np.int32)[:, None]
+    _check_matmul(packed, xq, sums, 5, TQ1_BLOCK)
+    return _accumulate(unpack_codes_tq1(packed, packed.shape[1] * 5), xq, sums)
 
 
 def ternary_matmul_tq1(

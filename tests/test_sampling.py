@@ -100,10 +100,10 @@ def test_chain_order_temperature_before_top_p() -> None:
 def test_greedy_is_argmax_after_penalty() -> None:
     logits = np.array([0.1, 3.0, 2.9, -1.0], dtype=np.float32)
     sampler = Sampler(SamplingParams(temperature=0.0, top_k=1, top_p=0.1))
-    token, logprob = sampler.sample(logits, [])
+    token, logprob = sampler.sample(logits)
     assert token == 1 and logprob == pytest.approx(float(log_softmax(logits)[1]))
-    sampler = Sampler(SamplingParams(temperature=0.0, repetition_penalty=1.5))
-    token, logprob = sampler.sample(logits, [1])
+    sampler = Sampler(SamplingParams(temperature=0.0, repetition_penalty=1.5), prompt_ids=[1])
+    token, logprob = sampler.sample(logits)
     penalized = apply_repetition_penalty(logits, [1], 1.5)
     assert token == 2 and logprob == pytest.approx(float(log_softmax(penalized)[2]))
 

@@ -117,9 +117,8 @@ def _run(
     stop_ids: set[int],
 ) -> Iterator[GenerationEvent]:
     n_prompt = len(prompt_ids)
-    sampler = Sampler(sampling)
+    sampler = Sampler(sampling, prompt_ids)
     decoder = StreamDecoder(tokenizer, context=prompt_ids) if tokenizer is not None else _NoText()
-    history = list(prompt_ids)  # the repetition penalty sees the prompt too, as in transformers
 
     def event(text: str, token: int, logprob: float, finish: str | None, n: int) -> GenerationEvent:
         return GenerationEvent(text, token, logprob, finish, prompt_tokens=n_prompt, completion_tokens=n)
@@ -131,8 +130,7 @@ def _run(
 
     logits = step(prompt_ids, 0)
     for n in range(1, max_tokens + 1):
-        token, logprob = sampler.sample(logits, history)
-        history.append(token)
+        token, logprob = sampler.sample(logits)
         if token in stop_ids:  # the stop token itself shows no text
             text, _ = finish_text("")
             yield event(text, token, logprob, "stop", n)

@@ -120,15 +120,16 @@ def process(logits: np.ndarray, previous_ids: Sequence[int], params: SamplingPar
 class Sampler:
     """Draws tokens for one request with its own PCG64 stream: the same seed gives the same tokens."""
 
-    def __init__(self, params: SamplingParams) -> None:
+    def __init__(self, params: SamplingParams, prompt_ids: Sequence[int] = ()) -> None:
         self.params = params
         self.rng = np.random.Generator(np.random.PCG64(params.seed))
+        self.history = list(prompt_ids)  # the repetition penalty sees the prompt too, as in transformers
 
-    def sample(self, logits: np.ndarray, previous_ids: Sequence[int] = ()) -> tuple[int, float]:
-        """(token id, its log-probability under the final distribution) for (vocab,) logits."""
+    def sample(self, logits: np.ndarray) -> tuple[int, float]:
+        """(token id, its log-probability under the final distribution) for (vocab,) logits; records the token."""
         if logits.ndim != 1:
             raise TernlmError(f"logits must have shape (vocab,), got {logits.shape}")
-        x = process(logits, previous_ids, self.params)
+        x = process(logits, self.history, self.params)
         logp = log_softmax(x)
         if self.params.greedy:
             token = int(np.argmax(x))
@@ -138,4 +139,5 @@ class Sampler:
             token = int(np.searchsorted(cdf, self.rng.random() * cdf[-1], side="right"))
             if token >= len(cdf):  # u·total rounded up to total: take the last token with mass
                 token = int(np.searchsorted(cdf, cdf[-1], side="left"))
+        self.history.append(token)
         return token, float(logp[token])

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from ternlm import chat, kernels
-from ternlm.errors import FormatError, ParamError, ShapeError
+from ternlm.errors import ContextOverflowError, FormatError, ParamError, ShapeError
 from ternlm.formats import open_model
 from ternlm.generate import GenerationEvent, generate
 from ternlm.kvcache import KVCache
@@ -48,7 +48,7 @@ class Model:
 
     def logits(self, tokens: Sequence[int]) -> np.ndarray:
         """Logits (len(tokens), vocab) float32 of one full forward pass from position 0."""
-        ids = self._check_ids(tokens)
+        ids = self.check_ids(tokens)
         with self._lock:
             return np.concatenate([self._forward(ids[i:i + PREFILL_CHUNK], i, last_only=False)
                                    for i in range(0, len(ids), PREFILL_CHUNK)])
@@ -58,7 +58,7 @@ class Model:
                  seed: int | None = None, stop: Sequence[str] | None = None,
                  ignore_eos: bool = False) -> Iterator[GenerationEvent]:
         """Stream a completion of `prompt` (text, or token ids used as given) as GenerationEvents."""
-        ids = self._need_tokenizer().encode(prompt) if isinstance(prompt, str) else list(self._check_ids(prompt))
+        ids = self._need_tokenizer().encode(prompt) if isinstance(prompt, str) else list(self.check_ids(prompt))
         return self._generate(ids, max_tokens, SamplingParams(
             temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
             repetition_penalty=repetition_penalty, seed=seed), stop, ignore_eos)
@@ -73,12 +73,15 @@ class Model:
 
     def _generate(self, ids: list[int], max_tokens: int, sampling: SamplingParams,
                   stop: Sequence[str] | None, ignore_eos: bool) -> Iterator[GenerationEvent]:
-        tokenizer = self.tokenizer  # None: token ids in, token ids out, no text
-        stop_ids = set(tokenizer.eos_ids if tokenizer else ()) | set(self.config.eos_ids)
         # generate() checks its arguments now, so bad requests fail before the first event.
-        events = generate(self._step, tokenizer, ids, max_tokens=max_tokens, n_ctx=self.n_ctx,
-                          sampling=sampling, stop=list(stop or []), stop_ids=stop_ids, ignore_eos=ignore_eos)
+        events = generate(self._step, self.tokenizer, ids, max_tokens=max_tokens, n_ctx=self.n_ctx,
+                          sampling=sampling, stop=list(stop or []), stop_ids=self.stop_ids, ignore_eos=ignore_eos)
         return self._locked(events)
+
+    @property
+    def stop_ids(self) -> set[int]:
+        """Token ids that end generation: the tokenizer's and the model config's end-of-sequence ids."""
+        return set(self.tokenizer.eos_ids if self.tokenizer else ()) | set(self.config.eos_ids)
 
     def _locked(self, events: Iterator[GenerationEvent]) -> Iterator[GenerationEvent]:
         with self._lock:
@@ -93,14 +96,15 @@ class Model:
     def _forward(self, ids: np.ndarray, start: int, last_only: bool) -> np.ndarray:
         return self.transformer.forward(ids, self._cache, start, last_only=last_only)
 
-    def _check_ids(self, tokens: Sequence[int]) -> np.ndarray:
+    def check_ids(self, tokens: Sequence[int]) -> np.ndarray:
+        """The ids as int64, or ShapeError when they are empty, out of the vocabulary or longer than n_ctx."""
         ids = np.asarray(tokens)
         if ids.ndim != 1 or len(ids) == 0 or not np.issubdtype(ids.dtype, np.integer):
             raise ShapeError(f"tokens must be a non-empty list of ints, got shape {ids.shape} {ids.dtype}")
         if ids.min() < 0 or ids.max() >= self.config.vocab_size:
             raise ShapeError(f"token ids must lie in [0, {self.config.vocab_size}), got {ids.min()}..{ids.max()}")
         if len(ids) > self.n_ctx:
-            raise ShapeError(f"{len(ids)} tokens exceed the context of {self.n_ctx}")
+            raise ContextOverflowError(f"{len(ids)} tokens exceed the context of {self.n_ctx}")
         return ids.astype(np.int64)
 
     def _need_tokenizer(self) -> Tokenizer:

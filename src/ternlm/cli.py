@@ -1,12 +1,19 @@
-"""The `ternlm` command: run, chat and info. Every flag also reads an environment variable TERNLM_<FLAG>."""
+"""The `ternlm` command: run, chat, info and serve. Every flag also reads an environment variable
+TERNLM_<FLAG>; `serve` also reads a TOML file (--config), with flags > environment > file > defaults."""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
 from collections.abc import Callable, Iterator
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib
 
 from ternlm import __version__, load
 from ternlm.api import HEAD_TYPES, WEIGHT_LAYOUTS
@@ -19,16 +26,21 @@ def _env(flag: str, default: object, kind: Callable = str) -> object:
     return default if value is None else kind(value)
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", nargs="?", default=_env("model", None),
+# Model settings a serve config file may also hold, with their types.
+MODEL_OPTIONS: dict[str, Callable] = {"model": str, "threads": int, "ctx": int, "head": str, "weights": str}
+
+
+def _add_model_args(p: argparse.ArgumentParser, file_values: dict[str, object] | None = None) -> None:
+    f = file_values or {}
+    p.add_argument("model", nargs="?", default=_env("model", f.get("model")),
                    help="model directory (env TERNLM_MODEL; default: the small model shipped with ternlm)")
-    p.add_argument("-t", "--threads", type=int, default=_env("threads", None, int),
+    p.add_argument("-t", "--threads", type=int, default=_env("threads", f.get("threads"), int),
                    help="kernel threads (env TERNLM_THREADS; default: physical cores)")
-    p.add_argument("-c", "--ctx", type=int, default=_env("ctx", None, int),
+    p.add_argument("-c", "--ctx", type=int, default=_env("ctx", f.get("ctx"), int),
                    help="context length in tokens (env TERNLM_CTX; default: the model's maximum)")
-    p.add_argument("--head", choices=HEAD_TYPES, default=_env("head", "q8_0"),
+    p.add_argument("--head", choices=HEAD_TYPES, default=_env("head", f.get("head", "q8_0")),
                    help="output head precision: q8_0, q4_0, or float as stored (env TERNLM_HEAD; default q8_0)")
-    p.add_argument("--weights", choices=WEIGHT_LAYOUTS, default=_env("weights", "i2"),
+    p.add_argument("--weights", choices=WEIGHT_LAYOUTS, default=_env("weights", f.get("weights", "i2")),
                    help="ternary weight layout: i2 (2 bits/weight) or tq1 (1.6 bits/weight, converted at load) "
                         "(env TERNLM_WEIGHTS; default i2)")
 
@@ -129,7 +141,71 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from ternlm.server import ServerConfig, create_app
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = ServerConfig(model_name=args.model_name, slots=args.slots, queue_size=args.queue_size,
+                          prefill_chunk=args.prefill_chunk, max_body_bytes=args.max_body_bytes,
+                          keep_alive=args.keep_alive)
+    app = create_app(lambda: load(args.model, threads=args.threads, n_ctx=args.ctx, head=args.head,
+                                  weights=args.weights), config)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    return 0
+
+
+# `ternlm serve` settings: (flag, type, default, help). Each is also TERNLM_<FLAG> and a key of the TOML file.
+SERVE_OPTIONS: list[tuple[str, Callable, object, str]] = [
+    ("host", str, "127.0.0.1", "address to bind; 0.0.0.0 exposes the server to the network"),
+    ("port", int, 8080, "TCP port"),
+    ("model-name", str, None, "model id clients send as \"model\" (default: the model directory's name)"),
+    ("slots", int, 8, "requests decoded together; each holds a KV cache of --ctx positions"),
+    ("queue-size", int, 64, "requests that may wait for a free slot; beyond that the server answers 503"),
+    ("prefill-chunk", int, 256, "prompt tokens prefilled per step between decode steps of running requests"),
+    ("max-body-bytes", int, 4 << 20, "largest request body accepted; larger ones get 413"),
+    ("keep-alive", float, 5.0, "seconds between SSE keep-alive comments while a stream waits"),
+    ("log-level", str, "info", "debug, info, warning or error"),
+]
+
+
+def _add_serve_args(p: argparse.ArgumentParser, file_values: dict[str, object]) -> None:
+    p.add_argument("--config", default=_env("config", None),
+                   help="TOML file of serve settings, keys named like the flags (env TERNLM_CONFIG)")
+    for flag, kind, default, text in SERVE_OPTIONS:
+        p.add_argument(f"--{flag}", type=kind, default=_env(flag, file_values.get(flag, default), kind),
+                       help=f"{text} (env TERNLM_{flag.upper().replace('-', '_')})")
+
+
+def _read_config(argv: list[str] | None) -> dict[str, object]:
+    """The settings of the TOML file named by --config or TERNLM_CONFIG, checked against the serve flags."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=os.environ.get("TERNLM_CONFIG"))
+    path = pre.parse_known_args(argv)[0].config
+    if not path:
+        return {}
+    try:
+        with open(path, "rb") as f:
+            table = tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise TernlmError(f"config file {path}: {e}") from e
+    kinds = {flag: kind for flag, kind, _, _ in SERVE_OPTIONS} | MODEL_OPTIONS
+    values = {}
+    for key, value in table.items():
+        flag = key.replace("_", "-")
+        if flag not in kinds:
+            raise TernlmError(f"config file {path}: unknown setting {key!r}; known: {', '.join(sorted(kinds))}")
+        try:
+            values[flag] = kinds[flag](value)
+        except (TypeError, ValueError) as e:
+            raise TernlmError(f"config file {path}: {key} = {value!r}: {e}") from e
+    return values
+
+
+def build_parser(file_values: dict[str, object] | None = None) -> argparse.ArgumentParser:
+    """The parser; `file_values` (from a serve --config file) replace the built-in defaults."""
+    file_values = file_values or {}
     parser = argparse.ArgumentParser(prog="ternlm", description="Run ternary (1.58-bit) language models on CPUs.")
     parser.add_argument("--version", action="version", version=f"ternlm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -155,6 +231,12 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="print architecture, sizes and formats of a model")
     _add_model_args(info)
     info.set_defaults(func=cmd_info)
+
+    serve = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API",
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_model_args(serve, file_values)
+    _add_serve_args(serve, file_values)
+    serve.set_defaults(func=cmd_serve)
     return parser
 
 
@@ -163,8 +245,8 @@ def _flag(value: str) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser(_read_config(argv)).parse_args(argv)
         return args.func(args)
     except TernlmError as e:
         print(f"ternlm: error: {e}", file=sys.stderr)

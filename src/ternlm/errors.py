@@ -23,3 +23,7 @@ class KernelError(TernlmError):
 
 class ParamError(TernlmError, ValueError):
     """A generation or sampling parameter is out of range (a client error: HTTP 400)."""
+
+
+class OverloadedError(TernlmError):
+    """The server's request queue is full; the client should retry later (HTTP 503)."""

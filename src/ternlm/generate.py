@@ -4,12 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ternlm import sampling as sampling_
 from ternlm.errors import ContextOverflowError, ParamError
 from ternlm.sampling import Sampler, SamplingParams
 from ternlm.tokenizer import StreamDecoder, Tokenizer
+
+if TYPE_CHECKING:
+    from ternlm.grammar import Constraint
 
 # step(new_ids, start_pos) runs the model over new_ids at positions start_pos.. (filling its KV cache)
 # and returns the float32 logits (vocab,) of the last position.
@@ -27,6 +32,8 @@ class GenerationEvent:
     finish_reason: str | None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    top_logprobs: list[tuple[int, float]] | None = None  # the k most likely tokens, when logprobs were asked
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
 
 
 class StopStrings:
@@ -59,6 +66,24 @@ class StopStrings:
         return out
 
 
+def check_request(prompt_ids: Sequence[int], max_tokens: int, n_ctx: int, stop: Sequence[str] | None,
+                  has_tokenizer: bool) -> None:
+    """Raise ParamError / ContextOverflowError for a request that cannot run, before anything runs."""
+    if len(prompt_ids) == 0:
+        raise ParamError("the prompt is empty; at least one token (e.g. BOS) is needed")
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise ParamError(f"max_tokens must be an integer >= 1, got {max_tokens!r}")
+    if len(prompt_ids) + max_tokens > n_ctx:
+        raise ContextOverflowError(
+            f"prompt of {len(prompt_ids)} tokens + max_tokens {max_tokens} = "
+            f"{len(prompt_ids) + max_tokens} exceeds the context of {n_ctx} tokens"
+        )
+    if stop is not None and (isinstance(stop, str) or not all(isinstance(s, str) for s in stop)):
+        raise ParamError(f"stop must be a list of strings, got {stop!r}")
+    if not has_tokenizer and stop:
+        raise ParamError("stop strings need a tokenizer; this model has none")
+
+
 def generate(
     step: StepFn,
     tokenizer: Tokenizer | None,
@@ -78,23 +103,21 @@ def generate(
     and no text. Arguments are checked here, before anything runs; the model is only stepped as the
     iterator is consumed, and closing it stops generation.
     """
-    if len(prompt_ids) == 0:
-        raise ParamError("the prompt is empty; at least one token (e.g. BOS) is needed")
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-        raise ParamError(f"max_tokens must be an integer >= 1, got {max_tokens!r}")
-    if len(prompt_ids) + max_tokens > n_ctx:
-        raise ContextOverflowError(
-            f"prompt of {len(prompt_ids)} tokens + max_tokens {max_tokens} = "
-            f"{len(prompt_ids) + max_tokens} exceeds the context of {n_ctx} tokens"
-        )
-    if stop is not None and (isinstance(stop, str) or not all(isinstance(s, str) for s in stop)):
-        raise ParamError(f"stop must be a list of strings, got {stop!r}")
-    if tokenizer is None and stop:
-        raise ParamError("stop strings need a tokenizer; this model has none")
+    check_request(prompt_ids, max_tokens, n_ctx, stop, tokenizer is not None)
     if stop_ids is None:
         stop_ids = tokenizer.eos_ids if tokenizer is not None else ()
-    stop_set = set() if ignore_eos else set(stop_ids)
-    return _run(step, tokenizer, list(prompt_ids), max_tokens, sampling, StopStrings(stop or []), stop_set)
+    decoding = Decoding(tokenizer, list(prompt_ids), max_tokens, sampling, stop, () if ignore_eos else stop_ids)
+    return _run(step, decoding)
+
+
+def _run(step: StepFn, decoding: Decoding) -> Iterator[GenerationEvent]:
+    logits = step(decoding.prompt_ids, 0)
+    while True:
+        event = decoding.feed(logits)
+        yield event
+        if event.finish_reason is not None:
+            return
+        logits = step([event.token], decoding.position)
 
 
 class _NoText:
@@ -107,40 +130,64 @@ class _NoText:
         return ""
 
 
-def _run(
-    step: StepFn,
-    tokenizer: Tokenizer | None,
-    prompt_ids: list[int],
-    max_tokens: int,
-    sampling: SamplingParams,
-    stops: StopStrings,
-    stop_ids: set[int],
-) -> Iterator[GenerationEvent]:
-    n_prompt = len(prompt_ids)
-    sampler = Sampler(sampling, prompt_ids)
-    decoder = StreamDecoder(tokenizer, context=prompt_ids) if tokenizer is not None else _NoText()
+class Decoding:
+    """One request's state after its prompt: turns each step's logits into a GenerationEvent.
 
-    def event(text: str, token: int, logprob: float, finish: str | None, n: int) -> GenerationEvent:
-        return GenerationEvent(text, token, logprob, finish, prompt_tokens=n_prompt, completion_tokens=n)
+    It samples (after an optional constraint's mask), detokenizes, and decides when to stop; it never runs
+    the model, so the single-sequence loop above and the server's batched engine share it.
+    """
 
-    def finish_text(text: str) -> tuple[str, bool]:
+    def __init__(self, tokenizer: Tokenizer | None, prompt_ids: list[int], max_tokens: int,
+                 sampling: SamplingParams, stop: Sequence[str] | None = None, stop_ids: Collection[int] = (),
+                 constraint: Constraint | None = None, logprobs: int | None = None) -> None:
+        self.prompt_ids = prompt_ids
+        self.max_tokens = max_tokens
+        self.sampler = Sampler(sampling, prompt_ids)
+        self.decoder = StreamDecoder(tokenizer, context=prompt_ids) if tokenizer is not None else _NoText()
+        self.stops = StopStrings(stop or [])
+        self.stop_ids = set(stop_ids)
+        self.constraint = constraint
+        self.logprobs = logprobs  # None: off; k: report the token's and the k most likely log-probabilities
+        self.generated = 0
+        self.cached_tokens = 0  # prompt tokens the caller took from a prefix cache, reported in every event
+
+    @property
+    def position(self) -> int:
+        """Position of the last sampled token, the next one to run through the model."""
+        return len(self.prompt_ids) + self.generated - 1
+
+    def feed(self, logits: np.ndarray) -> GenerationEvent:
+        """Sample the next token from the (vocab,) logits of the last position; the event's finish_reason
+        is set when this token ends generation."""
+        raw = logits
+        if self.constraint is not None:
+            logits = logits.copy()
+            self.constraint.mask_logits(logits)
+        token, logprob = self.sampler.sample(logits)
+        self.generated += 1
+        top = None
+        if self.logprobs is not None:  # reported under the model's own distribution, as vLLM does
+            logprob, top = sampling_.top_logprobs(raw, token, self.logprobs)
+        if self.constraint is not None:
+            self.constraint.accept(token)
+        if token in self.stop_ids:  # the stop token itself shows no text
+            return self._event(self._finish_text("")[0], token, logprob, "stop", top)
+        text, hit = self.stops.feed(self.decoder.push(token))
+        if not hit and self.constraint is not None and self.constraint.done():
+            text, hit = self._finish_text(text)
+            hit = True
+        if not hit and self.generated == self.max_tokens:
+            text, hit = self._finish_text(text)
+            return self._event(text, token, logprob, "stop" if hit else "length", top)
+        return self._event(text, token, logprob, "stop" if hit else None, top)
+
+    def _finish_text(self, text: str) -> tuple[str, bool]:
         """Flush the decoder and the held-back text at the end, still honouring stop strings."""
-        tail, hit = stops.feed(decoder.flush())
-        return text + tail + ("" if hit else stops.flush()), hit
+        tail, hit = self.stops.feed(self.decoder.flush())
+        return text + tail + ("" if hit else self.stops.flush()), hit
 
-    logits = step(prompt_ids, 0)
-    for n in range(1, max_tokens + 1):
-        token, logprob = sampler.sample(logits)
-        if token in stop_ids:  # the stop token itself shows no text
-            text, _ = finish_text("")
-            yield event(text, token, logprob, "stop", n)
-            return
-        text, hit = stops.feed(decoder.push(token))
-        if not hit and n == max_tokens:
-            text, hit = finish_text(text)
-            yield event(text, token, logprob, "stop" if hit else "length", n)
-            return
-        yield event(text, token, logprob, "stop" if hit else None, n)
-        if hit:
-            return
-        logits = step([token], n_prompt + n - 1)
+    def _event(self, text: str, token: int, logprob: float, finish: str | None,
+               top: list[tuple[int, float]] | None) -> GenerationEvent:
+        return GenerationEvent(text, token, logprob, finish, prompt_tokens=len(self.prompt_ids),
+                               completion_tokens=self.generated, top_logprobs=top,
+                               cached_tokens=self.cached_tokens)

@@ -1,0 +1,470 @@
+"""The OpenAI-compatible HTTP server: FastAPI routes in front of one Engine that owns the model.
+
+HTTP work (JSON, chat templates, tokenization, SSE) runs on the event loop; the model runs on the engine
+thread, and the two meet through each request's Stream. The model loads in the background after the port
+opens, so /health answers at once and /ready turns 200 when requests can be served.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ternlm import protocol
+from ternlm.api import Model
+from ternlm.engine import Engine, Stream
+from ternlm.errors import ContextOverflowError, OverloadedError, TernlmError
+from ternlm.generate import GenerationEvent
+from ternlm.metrics import Metrics
+from ternlm.protocol import ChatRequest, CompletionRequest, error_body
+from ternlm.sampling import SamplingParams
+
+log = logging.getLogger("ternlm.server")
+STATIC = Path(__file__).parent / "static"
+
+
+@dataclass
+class ServerConfig:
+    """Server settings; `ternlm serve` fills these from flags, TERNLM_* variables and a TOML file."""
+
+    model_name: str | None = None  # the id clients pass as "model"; default: the model directory's name
+    slots: int = 8  # sequences decoded together
+    queue_size: int = 64  # requests that may wait for a slot before new ones get 503
+    prefill_chunk: int = 256  # prompt tokens per prefill step, between decode steps of running requests
+    max_body_bytes: int = 4 << 20  # larger request bodies get 413
+    keep_alive: float = 5.0  # seconds between SSE comments while a stream waits (e.g. a long prefill)
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.code, self.headers = status, message, type_, code, headers
+
+
+@dataclass
+class _State:
+    model: Model | None = None
+    engine: Engine | None = None
+    load_error: str | None = None
+    name: str = ""
+    metrics: Metrics = field(default_factory=Metrics)
+
+
+def create_app(model: Model | Callable[[], Model], config: ServerConfig | None = None) -> FastAPI:
+    """The app serving `model` (or what the callable loads, in a background thread once the server is up)."""
+    cfg = config or ServerConfig()
+    state = _State()
+
+    def start(m: Model) -> None:
+        state.name = cfg.model_name or m.path.name
+        engine = Engine(m, slots=cfg.slots, queue_size=cfg.queue_size, prefill_chunk=cfg.prefill_chunk,
+                        metrics=state.metrics)
+        engine.start()
+        state.model, state.engine = m, engine
+        log.info("serving %s with %d slots", state.name, cfg.slots)
+
+    async def load_in_background() -> None:
+        try:
+            start(await asyncio.to_thread(model) if callable(model) and not isinstance(model, Model) else model)
+        except Exception as e:  # reported by /health and /ready; the process stays up to say why
+            state.load_error = f"{type(e).__name__}: {e}"
+            log.error("model failed to load: %s", state.load_error)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        task = asyncio.create_task(load_in_background())
+        yield
+        task.cancel()
+        if state.engine is not None:
+            await asyncio.to_thread(state.engine.stop)
+
+    app = FastAPI(title="ternlm", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.ternlm = state
+    app.add_middleware(_MetricsMiddleware, metrics=state.metrics)
+    _install_error_handlers(app)
+
+    def ready() -> tuple[Model, Engine]:
+        if state.engine is None:
+            raise APIError(503, state.load_error or "the model is still loading", "server_error",
+                           "model_not_ready", {"Retry-After": "5"})
+        return state.model, state.engine
+
+    def check_model(name: str | None) -> None:
+        if name is not None and name != state.name:
+            raise APIError(404, f"The model '{name}' does not exist; this server serves '{state.name}'",
+                           code="model_not_found")
+
+    async def read_json(request: Request) -> dict[str, Any]:
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > cfg.max_body_bytes:
+            raise APIError(413, f"request body of {declared} bytes exceeds the limit of {cfg.max_body_bytes}",
+                           code="request_too_large")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > cfg.max_body_bytes:
+                raise APIError(413, f"request body exceeds the limit of {cfg.max_body_bytes} bytes",
+                               code="request_too_large")
+            chunks.append(chunk)
+        try:
+            body = json.loads(b"".join(chunks))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise APIError(400, f"request body is not valid JSON: {e}") from e
+        if not isinstance(body, dict):
+            raise APIError(400, "request body must be a JSON object")
+        return body
+
+    def submit(model: Model, engine: Engine, ids: list[int], req: ChatRequest | CompletionRequest,
+               logprobs: int | None, constraint: object | None) -> Stream:
+        limit = req.token_limit or max(model.n_ctx - len(ids), 1)
+        return engine.submit(ids, limit, SamplingParams(**req.sampling()), stop=req.stop,
+                             ignore_eos=req.ignore_eos, logprobs=logprobs, constraint=constraint,
+                             loop=asyncio.get_running_loop())
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if state.load_error:
+            return JSONResponse({"status": "error", "error": state.load_error}, status_code=500)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/ready")
+    async def ready_route() -> JSONResponse:
+        ready()
+        return JSONResponse({"status": "ready", "model": state.name})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/")
+    async def index() -> Response:
+        page = STATIC / "index.html"
+        if not page.exists():
+            return JSONResponse({"message": "ternlm server; the API is under /v1"})
+        return FileResponse(page, media_type="text/html")
+
+    @app.get("/v1/models")
+    async def models() -> JSONResponse:
+        model, _ = ready()
+        return JSONResponse({"object": "list", "data": [_model_card(state.name, model)]})
+
+    @app.get("/v1/models/{name:path}")
+    async def model_info(name: str) -> JSONResponse:
+        model, _ = ready()
+        check_model(name)
+        return JSONResponse(_model_card(state.name, model))
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> JSONResponse:
+        model, _ = ready()
+        body = await read_json(request)
+        tok = _tokenizer(model)
+        if "messages" in body:
+            ids = model.chat_tokens(body["messages"])
+        else:
+            text = body.get("content", body.get("prompt"))
+            if not isinstance(text, str):
+                raise APIError(400, "give the text to tokenize as a string 'content' (or 'prompt' or 'messages')")
+            ids = tok.encode(text, add_bos=bool(body.get("add_special", True)))
+        return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": model.n_ctx})
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> JSONResponse:
+        model, _ = ready()
+        ids = (await read_json(request)).get("tokens")
+        if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+            raise APIError(400, "'tokens' must be a list of integers")
+        model.check_ids(ids or [0])
+        return JSONResponse({"content": _tokenizer(model).decode(ids)})
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        model, engine = ready()
+        req = _parse(ChatRequest, await read_json(request))
+        check_model(req.model)
+        tools = _active_tools(req)
+        messages = ([{"role": "system", "content": _tools_prompt(tools)}, *req.messages] if tools
+                    else req.messages)
+        ids = model.chat_tokens(messages)
+        constraint = _chat_constraint(model, req, tools)
+        stream = submit(model, engine, ids, req, req.logprobs_k, constraint)
+        rid, created = protocol.new_id("chatcmpl"), protocol.now()
+        head = {"id": rid, "object": "chat.completion", "created": created, "model": state.name}
+        tok = _tokenizer(model)
+
+        if req.stream:
+            return _sse(_chat_chunks(stream, head, req, tools, len(ids), tok), stream, cfg.keep_alive)
+        events = await _collect(stream, request)
+        text = "".join(e.text for e in events)
+        finish = events[-1].finish_reason if events else "stop"
+        message: dict[str, Any] = {"role": "assistant", "content": text}
+        calls = _tool_calls(text, tools)
+        if calls:
+            message, finish = {"role": "assistant", "content": None, "tool_calls": calls}, "tool_calls"
+        choice = {"index": 0, "message": message, "finish_reason": finish,
+                  "logprobs": protocol.chat_logprobs(events, tok.token_text) if req.logprobs else None}
+        return JSONResponse({**head, "choices": [choice],
+                             "usage": protocol.usage(events[-1] if events else None, len(ids))})
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        model, engine = ready()
+        req = _parse(CompletionRequest, await read_json(request))
+        check_model(req.model)
+        ids = (_tokenizer(model).encode(req.prompt) if isinstance(req.prompt, str)
+               else [int(i) for i in model.check_ids(req.prompt)])
+        stream = submit(model, engine, ids, req, req.logprobs, None)
+        rid, created = protocol.new_id("cmpl"), protocol.now()
+        head = {"id": rid, "object": "text_completion", "created": created, "model": state.name}
+        tok = _tokenizer(model)
+        echo = tok.decode(ids) if req.echo else ""
+
+        if req.stream:
+            return _sse(_completion_chunks(stream, head, req, len(ids), tok, echo), stream, cfg.keep_alive)
+        events = await _collect(stream, request)
+        choice = {"index": 0, "text": echo + "".join(e.text for e in events),
+                  "finish_reason": events[-1].finish_reason if events else "stop",
+                  "logprobs": (protocol.completion_logprobs(events, tok.token_text, len(echo))
+                               if req.logprobs is not None else None)}
+        return JSONResponse({**head, "choices": [choice],
+                             "usage": protocol.usage(events[-1] if events else None, len(ids))})
+
+    return app
+
+
+# -- request handling -------------------------------------------------------------------------------------------
+
+def _parse(cls: type, body: dict[str, Any]) -> Any:
+    try:
+        return cls.model_validate(body)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise APIError(400, f"{where}: {first['msg']}" if where else first["msg"]) from e
+
+
+def _tokenizer(model: Model) -> Any:
+    if model.tokenizer is None:
+        raise APIError(400, "this model has no tokenizer; text requests are not possible")
+    return model.tokenizer
+
+
+def _model_card(name: str, model: Model) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": int(model.path.stat().st_mtime), "owned_by": "ternlm",
+            "max_model_len": model.n_ctx}
+
+
+def _active_tools(req: ChatRequest) -> list[dict[str, Any]]:
+    if not req.tools or req.tool_choice == "none":
+        return []
+    return req.tools
+
+
+def _tools_prompt(tools: list[dict[str, Any]]) -> str:
+    """The system message that tells the model which tools exist and how to call one."""
+    specs = json.dumps([t.get("function", t) for t in tools], ensure_ascii=False)
+    return ("You can call these functions: " + specs + "\nTo call one, answer with only a JSON object "
+            '{"name": <function name>, "arguments": <arguments object>}; otherwise answer normally.')
+
+
+def _chat_constraint(model: Model, req: ChatRequest, tools: list[dict[str, Any]]) -> object | None:
+    if req.response_format is None and not tools:
+        return None
+    from ternlm import grammar  # the constrained-decoding library loads only when a request needs it
+
+    tok = _tokenizer(model)
+    if tools:
+        schema = grammar.tool_call_schema(tools, req.tool_choice)
+        if schema is not None:
+            return grammar.constraint_for({"type": "json_schema", "json_schema": {"name": "tool_call",
+                                                                                  "schema": schema}},
+                                          tok, model.config.vocab_size)
+    if req.response_format is None:
+        return None
+    return grammar.constraint_for(req.response_format, tok, model.config.vocab_size)
+
+
+def _tool_calls(text: str, tools: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
+    if not tools:
+        return None
+    from ternlm import grammar
+
+    return grammar.parse_tool_calls(text, tools)
+
+
+async def _collect(stream: Stream, request: Request) -> list[GenerationEvent]:
+    """All events of a non-streaming request; a client that hangs up cancels its generation."""
+    events: list[GenerationEvent] = []
+    try:
+        while True:
+            try:
+                event = await stream.get(timeout=1.0)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    raise APIError(499, "client disconnected") from None
+                continue
+            if event is None:
+                return events
+            events.append(event)
+    finally:
+        stream.cancel()
+
+
+def _sse(chunks: AsyncIterator[dict[str, Any]], stream: Stream, keep_alive: float) -> StreamingResponse:
+    """Server-sent events: `data: {json}` per chunk, `: keep-alive` while waiting, `data: [DONE]` at the end.
+
+    A client that disconnects cancels the response task, which cancels the generation and frees its slot."""
+
+    async def body() -> AsyncIterator[str]:
+        queue_get = chunks.__anext__
+        try:
+            pending = asyncio.ensure_future(queue_get())
+            while True:
+                done, _ = await asyncio.wait({pending}, timeout=keep_alive)
+                if not done:
+                    yield ": keep-alive\n\n"
+                    continue
+                try:
+                    chunk = pending.result()
+                except StopAsyncIteration:
+                    break
+                except TernlmError as e:
+                    yield f"data: {json.dumps(error_body(str(e), 'server_error'))}\n\n"
+                    break
+                yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+                pending = asyncio.ensure_future(queue_get())
+            yield "data: [DONE]\n\n"
+        finally:
+            stream.cancel()
+            if not pending.done():
+                pending.cancel()
+
+    return StreamingResponse(body(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _chat_chunks(stream: Stream, head: dict[str, Any], req: ChatRequest, tools: list[dict[str, Any]],
+                       n_prompt: int, tok: Any) -> AsyncIterator[dict[str, Any]]:
+    head = {**head, "object": "chat.completion.chunk"}
+
+    def chunk(delta: dict[str, Any], finish: str | None = None, logprobs: Any = None) -> dict[str, Any]:
+        return {**head, "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs}]}
+
+    yield chunk({"role": "assistant", "content": ""})
+    last, held = None, []  # with tools, the text is held until it is known whether it is a call
+    async for event in stream:
+        last = event
+        logprobs = protocol.chat_logprobs([event], tok.token_text) if req.logprobs else None
+        if tools:
+            held.append(event.text)
+        elif event.text or logprobs:
+            yield chunk({"content": event.text}, logprobs=logprobs)
+    finish = last.finish_reason if last else "stop"
+    if tools:
+        text = "".join(held)
+        calls = _tool_calls(text, tools)
+        if calls:
+            yield chunk({"tool_calls": [{"index": i, **c} for i, c in enumerate(calls)]})
+            finish = "tool_calls"
+        elif text:
+            yield chunk({"content": text})
+    yield chunk({}, finish)
+    if req.include_usage:
+        yield {**head, "choices": [], "usage": protocol.usage(last, n_prompt)}
+
+
+async def _completion_chunks(stream: Stream, head: dict[str, Any], req: CompletionRequest, n_prompt: int,
+                             tok: Any, echo: str) -> AsyncIterator[dict[str, Any]]:
+    def chunk(text: str, finish: str | None = None, logprobs: Any = None) -> dict[str, Any]:
+        return {**head, "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": logprobs}]}
+
+    if echo:
+        yield chunk(echo)
+    last, offset = None, len(echo)
+    async for event in stream:
+        last = event
+        logprobs = None
+        if req.logprobs is not None:
+            logprobs = protocol.completion_logprobs([event], tok.token_text, offset)
+        offset += len(event.text)
+        if event.text or logprobs:
+            yield chunk(event.text, logprobs=logprobs)
+    yield chunk("", last.finish_reason if last else "stop")
+    if req.include_usage:
+        yield {**head, "choices": [], "usage": protocol.usage(last, n_prompt)}
+
+
+# -- errors and metrics ------------------------------------------------------------------------------------------
+
+def _install_error_handlers(app: FastAPI) -> None:
+    def respond(status: int, message: str, type_: str, code: str | None = None,
+                headers: dict[str, str] | None = None) -> JSONResponse:
+        return JSONResponse(error_body(message, type_, code), status_code=status, headers=headers)
+
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, e: APIError) -> JSONResponse:
+        return respond(e.status, e.message, e.type, e.code, e.headers)
+
+    @app.exception_handler(ContextOverflowError)
+    async def overflow(_: Request, e: ContextOverflowError) -> JSONResponse:
+        return respond(400, str(e), "invalid_request_error", "context_length_exceeded")
+
+    @app.exception_handler(OverloadedError)
+    async def overloaded(_: Request, e: OverloadedError) -> JSONResponse:
+        return respond(503, str(e), "server_error", "overloaded", {"Retry-After": "1"})
+
+    @app.exception_handler(TernlmError)
+    async def bad_request(_: Request, e: TernlmError) -> JSONResponse:
+        return respond(400, str(e), "invalid_request_error")
+
+    @app.exception_handler(Exception)
+    async def internal(_: Request, e: Exception) -> JSONResponse:
+        log.exception("internal error", exc_info=e)
+        return respond(500, f"internal error: {type(e).__name__}", "server_error")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
+        return respond(e.status_code, str(e.detail), "invalid_request_error", "not_found"
+                       if e.status_code == 404 else None)
+
+
+class _MetricsMiddleware:
+    """Counts requests by route and status and times them to their last byte (streams included)."""
+
+    def __init__(self, app: Callable, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start, status = time.perf_counter(), [500]
+
+        async def watch(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        finally:
+            route = scope.get("route")
+            path = getattr(route, "path", "unmatched")
+            self.metrics.requests.labels(path, str(status[0])).inc()
+            self.metrics.request_latency.labels(path).observe(time.perf_counter() - start)

@@ -201,32 +201,43 @@ def test_metrics_count_requests(url: str, client: openai.OpenAI) -> None:
     assert "ternlm_generation_tokens_total" in text
 
 
+def _metric(url: str, name: str) -> float:
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"no metric {name}")
+
+
+def _wait_for(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
 def test_disconnect_frees_slot_and_full_queue_answers_503() -> None:
     with running_server("--slots", "1", "--queue-size", "1", "--keep-alive", "0.001") as url:
-        def active() -> float:
-            for line in httpx.get(url + "/metrics").text.splitlines():
-                if line.startswith("ternlm_active_slots "):
-                    return float(line.split()[1])
-            raise AssertionError("no ternlm_active_slots metric")
+        long_prefill = {"model": "default", "prompt": "x" * 1500, "max_tokens": 2, "stream": True}
+        lines = [x for x in httpx.post(url + "/v1/completions", json=long_prefill, timeout=30).iter_lines() if x]
+        assert ": keep-alive" in lines and lines[-1] == "data: [DONE]"  # the prefill outlasted 1 ms
 
-        body = {"model": "default", "prompt": "x" * 1500, "max_tokens": 400, "stream": True, "ignore_eos": True}
+        body = {"model": "default", "prompt": "x", "max_tokens": 2000, "stream": True, "ignore_eos": True,
+                "logprobs": 0}  # a chunk per token, even for tokens without text
         with httpx.Client(timeout=30) as http, http.stream("POST", url + "/v1/completions", json=body) as r:
-            lines = r.iter_lines()
-            seen = [next(lines) for _ in range(6)]
-            assert any(line.startswith(": keep-alive") for line in seen)  # the prefill outlasted 1 ms
-            assert active() == 1
-            # The slot is busy: one request may wait, the next is turned away.
+            lines = r.iter_lines()  # kept: dropping the iterator would close the stream
+            next(line for line in lines if line.startswith("data: {"))
+            assert _metric(url, "ternlm_active_slots") == 1
+            # The only slot is busy: one request may wait, the next is turned away.
             waiting = threading.Thread(target=httpx.post, args=(url + "/v1/completions",),
                                        kwargs={"json": {**body, "stream": False, "max_tokens": 2}, "timeout": 60})
             waiting.start()
-            time.sleep(0.3)
+            _wait_for(lambda: _metric(url, "ternlm_queue_depth") == 1)
             busy = httpx.post(url + "/v1/completions", json={**body, "stream": False})
-            assert busy.status_code == 503 and busy.headers["retry-after"]
+            assert busy.status_code == 503 and int(busy.headers["retry-after"]) >= 1
             assert busy.json()["error"]["code"] == "overloaded"
-        # The client hung up mid-stream: its generation stops and the waiting request runs and finishes.
+        # The client hung up mid-stream: its generation stops long before 2,000 tokens, the slot frees,
+        # and the waiting request runs.
         waiting.join(timeout=30)
         assert not waiting.is_alive()
-        deadline = time.monotonic() + 10
-        while active() != 0 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert active() == 0
+        _wait_for(lambda: _metric(url, "ternlm_active_slots") == 0)
+        assert _metric(url, "ternlm_generation_tokens_total") < 1000

@@ -241,3 +241,37 @@ def test_disconnect_frees_slot_and_full_queue_answers_503() -> None:
         assert not waiting.is_alive()
         _wait_for(lambda: _metric(url, "ternlm_active_slots") == 0)
         assert _metric(url, "ternlm_generation_tokens_total") < 1000
+
+
+def test_serve_settings_flag_over_env_over_file(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ternlm.cli import _read_config, build_parser
+
+    config = tmp_path / "ternlm.toml"
+    config.write_text('port = 9000\nslots = 3\nqueue_size = 5\nhead = "q4_0"\nkeep-alive = 2.5\n')
+    argv = ["serve", "--config", str(config), "--slots", "2"]
+    monkeypatch.setenv("TERNLM_QUEUE_SIZE", "7")
+    args = build_parser(_read_config(argv)).parse_args(argv)
+    assert (args.port, args.slots, args.queue_size, args.head, args.keep_alive) == (9000, 2, 7, "q4_0", 2.5)
+    assert args.host == "127.0.0.1"  # loopback unless asked
+
+
+@pytest.mark.parametrize(("text", "error"), [("slots = 'many'\n", "slots"), ("colour = 1\n", "unknown setting"),
+                                             ("port = \n", "config file")])
+def test_serve_config_errors_are_clear(tmp_path, capsys: pytest.CaptureFixture, text: str, error: str) -> None:
+    from ternlm.cli import main
+
+    config = tmp_path / "bad.toml"
+    config.write_text(text)
+    assert main(["serve", "--config", str(config)]) == 1
+    assert error in capsys.readouterr().err
+
+
+def test_serve_help_documents_every_flag_and_default(capsys: pytest.CaptureFixture) -> None:
+    from ternlm.cli import SERVE_OPTIONS, main
+
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for flag, _, default, _ in SERVE_OPTIONS:
+        assert f"--{flag}" in text and f"TERNLM_{flag.upper().replace('-', '_')}" in text
+        assert f"(default: {default})" in text

@@ -275,3 +275,49 @@ def test_serve_help_documents_every_flag_and_default(capsys: pytest.CaptureFixtu
     for flag, _, default, _ in SERVE_OPTIONS:
         assert f"--{flag}" in text and f"TERNLM_{flag.upper().replace('-', '_')}" in text
         assert f"(default: {default})" in text
+
+
+def test_json_object_and_schema_outputs_parse(client: openai.OpenAI) -> None:
+    # The random model writes endless strings inside an unbounded object; the schema below bounds them.
+    r = client.chat.completions.create(model="default", messages=MESSAGES, max_tokens=20, temperature=0.7, seed=1,
+                                       response_format={"type": "json_object"})
+    assert r.choices[0].message.content.lstrip().startswith("{")
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
+                                               "rank": {"type": "integer", "minimum": 0, "maximum": 99}},
+              "required": ["city", "rank"], "additionalProperties": False}
+    r = client.chat.completions.create(model="default", messages=MESSAGES, max_tokens=300, temperature=0.7, seed=2,
+                                       response_format={"type": "json_schema",
+                                                        "json_schema": {"name": "place", "schema": schema}})
+    value = json.loads(r.choices[0].message.content)
+    assert set(value) == {"city", "rank"} and isinstance(value["rank"], int) and len(value["city"]) <= 12
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 10}},
+                   "required": ["city"], "additionalProperties": False}}}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_forced_tool_call_in_openai_shape(client: openai.OpenAI, stream: bool) -> None:
+    kw = {"model": "default", "messages": MESSAGES, "max_tokens": 200, "temperature": 0.7, "seed": 3,
+          "tools": [WEATHER], "tool_choice": "required"}
+    if stream:
+        chunks = list(client.chat.completions.create(stream=True, **kw))
+        deltas = [c.choices[0].delta for c in chunks if c.choices and c.choices[0].delta.tool_calls]
+        assert len(deltas) == 1
+        call = deltas[0].tool_calls[0]
+        assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    else:
+        r = client.chat.completions.create(**kw)
+        assert r.choices[0].finish_reason == "tool_calls" and r.choices[0].message.content is None
+        call = r.choices[0].message.tool_calls[0]
+    assert call.type == "function" and call.id.startswith("call_")
+    assert call.function.name == "get_weather"
+    assert isinstance(json.loads(call.function.arguments)["city"], str)
+
+
+def test_bad_response_format_is_400(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="default", messages=MESSAGES, max_tokens=4,
+                                       response_format={"type": "json_schema", "json_schema": {"name": "bad name!"}})

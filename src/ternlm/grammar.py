@@ -39,7 +39,7 @@ class _TokenizerGrammars:
 
     def __init__(self, tokenizer: Tokenizer) -> None:
         # ternlm's Tokenizer wraps a `tokenizers.Tokenizer`; llguidance reads the same tokenizer.json text.
-        hf_json = tokenizer._tok.to_str()
+        hf_json = tokenizer.to_json()
         eos = sorted(tokenizer.eos_ids)
         self.lltok = llguidance.LLTokenizer(hf_json, eos_token=eos or None)
         self.eos_ids = eos

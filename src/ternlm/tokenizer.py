@@ -155,6 +155,10 @@ class Tokenizer:
         """Text of `ids`; special tokens (BOS, EOS, …) are left out unless `skip_special` is False."""
         return self._tok.decode(list(ids), skip_special_tokens=skip_special)
 
+    def to_json(self) -> str:
+        """The tokenizer as Hugging Face tokenizer.json text (for libraries that build their own view of it)."""
+        return self._tok.to_str()
+
     def token_text(self, token_id: int) -> str:
         """The text of one token on its own, special tokens included (for logprobs)."""
         return self._tok.decode([token_id], skip_special_tokens=False)

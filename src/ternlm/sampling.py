@@ -117,10 +117,9 @@ def _finite_max(logits: np.ndarray) -> np.floating:
     return top
 
 
-def _shifted_exp(values: np.ndarray, top: float) -> np.ndarray:
-    """exp(values - top) in float64, in one fresh array (temporaries of a 128k vocab cost page faults)."""
-    out = values.astype(np.float64)
-    np.subtract(out, top, out=out)
+def _shifted_exp(values: np.ndarray, top: float, out: np.ndarray | None = None) -> np.ndarray:
+    """exp(values - top) in float64, computed in one array (out, or a fresh one) with no temporaries."""
+    out = np.subtract(values, top, out=out, dtype=np.float64)
     return np.exp(out, out=out)
 
 
@@ -315,14 +314,15 @@ class Candidates:
         return out
 
 
-def candidates(x: np.ndarray, params: SamplingParams) -> Candidates:
+def candidates(x: np.ndarray, params: SamplingParams, out: np.ndarray | None = None) -> Candidates:
     """Temperature → top_k → top_p → min_p on penalised (vocab,) logits. top_k narrows to its candidates
-    first, so with it on the later steps see a few dozen values, not the vocab."""
+    first, so with it on the later steps see a few dozen values, not the vocab. Without top_k the weights
+    go into out when given: a (vocab,) float64 array the caller reuses."""
     _finite_max(x)  # NaN would slip through top_k's comparisons
     x = apply_temperature(x, params.temperature)
     ids = top_k_ids(x, params.top_k) if params.top_k > 0 else None
     values = x if ids is None else x[ids]
-    weights = _shifted_exp(values, float(_finite_max(values)))  # owned here, so filters zero it in place
+    weights = _shifted_exp(values, float(_finite_max(values)), out if ids is None else None)
     if params.top_p < 1.0:
         np.multiply(weights, nucleus_mask(values, weights, params.top_p), out=weights)
     if params.min_p > 0.0:
@@ -383,6 +383,16 @@ class Sampler:
         self.rng = np.random.Generator(np.random.PCG64(params.seed))
         self._seen = TokenCounts(prompt_ids)
         self._output = TokenCounts()
+        self._weights: np.ndarray | None = None
+
+    def _weights_buffer(self, vocab: int) -> np.ndarray | None:
+        """One (vocab,) float64 array reused for the weights at every step: once the allocator has handed a
+        fresh 1 MB back to the OS, page-faulting it in again costs as much as the whole top_p pass."""
+        if self.params.top_k:
+            return None  # top_k's weights are a few dozen values
+        if self._weights is None or len(self._weights) != vocab:
+            self._weights = np.empty(vocab, dtype=np.float64)
+        return self._weights
 
     def sample(self, logits: np.ndarray) -> tuple[int, float]:
         """(token id, its log-probability under the final distribution) for (vocab,) logits; the token
@@ -395,7 +405,8 @@ class Sampler:
         if self.params.greedy:
             token, logprob = greedy_pick(x)
         else:
-            token, logprob = draw(candidates(x, self.params), self.rng.random())
+            cands = candidates(x, self.params, self._weights_buffer(len(x)))
+            token, logprob = draw(cands, self.rng.random())
         self._seen.add(token)
         self._output.add(token)
         return token, logprob

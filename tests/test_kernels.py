@@ -118,6 +118,8 @@ def test_gemm_shapes(isa, threads):
         k = int(rng.integers(1, 3001))
         check_ternary(rng, m, n, k)
     check_ternary(rng, 70, 300, 3000)
+    for m in (4, 5, 8, 16, 17):  # both sides of the register / panel switch (batched decode vs prefill)
+        check_ternary(rng, m, 37, 700)
 
 
 def test_extreme_activations(isa):

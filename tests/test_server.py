@@ -321,3 +321,22 @@ def test_bad_response_format_is_400(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="default", messages=MESSAGES, max_tokens=4,
                                        response_format={"type": "json_schema", "json_schema": {"name": "bad name!"}})
+
+
+def test_token_id_completions_without_tokenizer(tmp_path) -> None:
+    import shutil
+
+    from ternlm.api import default_model_path
+
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(default_model_path() / name, tmp_path / name)
+    with running_server(str(tmp_path)) as url:
+        body = {"prompt": [1, 2, 3], "max_tokens": 5, "ignore_eos": True, "logprobs": 1, "temperature": 0}
+        r = httpx.post(url + "/v1/completions", json=body).json()
+        assert r["usage"]["completion_tokens"] == 5 and r["choices"][0]["text"] == ""
+        assert all(t.startswith("token_id:") for t in r["choices"][0]["logprobs"]["tokens"])
+        lines = httpx.post(url + "/v1/completions", json={**body, "stream": True}).iter_lines()
+        chunks = [json.loads(x[6:]) for x in lines if x.startswith("data: {")]
+        assert sum(1 for c in chunks if c["choices"] and c["choices"][0]["logprobs"]) == 5
+        text = httpx.post(url + "/v1/completions", json={**body, "prompt": "words"})
+        assert text.status_code == 400 and "tokenizer" in text.json()["error"]["message"]

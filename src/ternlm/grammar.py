@@ -41,7 +41,10 @@ class _TokenizerGrammars:
         # ternlm's Tokenizer wraps a `tokenizers.Tokenizer`; llguidance reads the same tokenizer.json text.
         hf_json = tokenizer.to_json()
         eos = sorted(tokenizer.eos_ids)
-        self.lltok = llguidance.LLTokenizer(hf_json, eos_token=eos or None)
+        try:
+            self.lltok = llguidance.LLTokenizer(hf_json, eos_token=eos or None)
+        except Exception as e:  # llguidance rejects some tokenizer kinds (e.g. WordLevel without a decoder)
+            raise ParamError(f"this model's tokenizer cannot be used for constrained decoding: {e}") from e
         self.eos_ids = eos
         self._compiled: OrderedDict[str, llguidance.LLMatcher] = OrderedDict()
         self._lock = threading.Lock()

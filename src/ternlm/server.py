@@ -84,7 +84,10 @@ def create_app(model: Model | Callable[[], Model], config: ServerConfig | None =
         if m.tokenizer is not None:  # the grammar library's view of the vocabulary: ~1 s for 128k ids, once
             from ternlm import grammar
 
-            grammar.prepare(m.tokenizer)
+            try:
+                grammar.prepare(m.tokenizer)
+            except TernlmError as e:  # only JSON-constrained requests need it; they will get this as a 400
+                log.warning("%s", e)
         return m
 
     async def load_in_background() -> None:
@@ -240,8 +243,8 @@ def create_app(model: Model | Callable[[], Model], config: ServerConfig | None =
         stream = submit(model, engine, ids, req, req.logprobs, None)
         rid, created = protocol.new_id("cmpl"), protocol.now()
         head = {"id": rid, "object": "text_completion", "created": created, "model": state.name}
-        tok = _tokenizer(model)
-        echo = tok.decode(ids) if req.echo else ""
+        tok = _TokenText(model.tokenizer)  # a model without a tokenizer still completes token ids
+        echo = _tokenizer(model).decode(ids) if req.echo else ""
 
         if req.stream:
             return _sse(_completion_chunks(stream, head, req, len(ids), tok, echo), stream, cfg.keep_alive)
@@ -271,6 +274,16 @@ def _tokenizer(model: Model) -> Any:
     if model.tokenizer is None:
         raise APIError(400, "this model has no tokenizer; text requests are not possible")
     return model.tokenizer
+
+
+class _TokenText:
+    """Token text for logprobs; `token_id:N` (vLLM's spelling) for a model without a tokenizer."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+
+    def token_text(self, token: int) -> str:
+        return self.tokenizer.token_text(token) if self.tokenizer is not None else f"token_id:{token}"
 
 
 def _model_card(name: str, model: Model) -> dict[str, Any]:
@@ -381,7 +394,7 @@ async def _chat_chunks(stream: Stream, head: dict[str, Any], req: ChatRequest, t
         logprobs = protocol.chat_logprobs([event], tok.token_text) if req.logprobs else None
         if tools:
             held.append(event.text)
-        elif event.text or logprobs:
+        else:
             yield chunk({"content": event.text}, logprobs=logprobs)
     finish = last.finish_reason if last else "stop"
     if tools:
@@ -411,8 +424,7 @@ async def _completion_chunks(stream: Stream, head: dict[str, Any], req: Completi
         if req.logprobs is not None:
             logprobs = protocol.completion_logprobs([event], tok.token_text, offset)
         offset += len(event.text)
-        if event.text or logprobs:
-            yield chunk(event.text, logprobs=logprobs)
+        yield chunk(event.text, logprobs=logprobs)  # one chunk per token, even one whose text is held back
     yield chunk("", last.finish_reason if last else "stop")
     if req.include_usage:
         yield {**head, "choices": [], "usage": protocol.usage(last, n_prompt)}

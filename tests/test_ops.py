@@ -63,3 +63,89 @@ def test_attention_decode_checks_position() -> None:
         kernels.attention_decode(np.zeros(24, np.float32), *caches, 4, trig, trig, 1, 1.0, np.zeros((1, 4), np.float32))
     with pytest.raises(ShapeError):  # qkv one element short
         kernels.attention_decode(np.zeros(23, np.float32), *caches, 0, trig, trig, 1, 1.0, np.zeros((1, 4), np.float32))
+
+
+def _batch_case(rng: np.random.Generator, b: int, n_kv: int, group: int, hd: int, same_len: bool):
+    n_heads = n_kv * group
+    lens = [40] * b if same_len else [int(x) for x in rng.integers(1, 40, b)]
+    positions = [int(rng.integers(0, n)) for n in lens]
+    qkv = rng.standard_normal((b, (n_heads + 2 * n_kv) * hd)).astype(np.float32)
+    ks = [rng.standard_normal((n_kv, n, hd)).astype(np.float32) for n in lens]
+    vs = [rng.standard_normal((n_kv, n, hd)).astype(np.float32) for n in lens]
+    scores = [np.empty((n_heads, n), np.float32) for n in lens]
+    angles = rng.uniform(0, 6.3, (40, hd // 2)).astype(np.float32)
+    return n_heads, positions, qkv, ks, vs, scores, np.cos(angles), np.sin(angles)
+
+
+@settings(max_examples=40, deadline=None)
+@given(b=st.integers(1, 9), n_kv=st.sampled_from([1, 2, 5]), group=st.sampled_from([1, 3, 4]),
+       hd=st.sampled_from([2, 16, 128]), threads=st.integers(1, 3), same_len=st.booleans(),
+       seed=st.integers(0, 2**32 - 1))
+def test_attention_decode_batch_matches_per_sequence(b: int, n_kv: int, group: int, hd: int, threads: int,
+                                                      same_len: bool, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    n_heads, positions, qkv, ks, vs, scores, cos, sin = _batch_case(rng, b, n_kv, group, hd, same_len)
+    ks_ref, vs_ref = [k.copy() for k in ks], [v.copy() for v in vs]
+    before = kernels.get_threads()
+    try:
+        kernels.set_threads(threads)
+        expected = np.stack([kernels.attention_decode(qkv[j], ks_ref[j], vs_ref[j], p, cos[p], sin[p], n_heads,
+                                                      hd ** -0.5, np.empty_like(scores[j]))
+                             for j, p in enumerate(positions)])
+        got = kernels.attention_decode_batch(qkv, ks, vs, positions, cos, sin, n_heads, hd ** -0.5, scores)
+    finally:
+        kernels.set_threads(before)
+    np.testing.assert_array_equal(got, expected)
+    for j in range(b):
+        np.testing.assert_array_equal(ks[j], ks_ref[j])
+        np.testing.assert_array_equal(vs[j], vs_ref[j])
+
+
+def test_attention_decode_batch_rejects_bad_input() -> None:
+    rng = np.random.default_rng(0)
+    n_heads, positions, qkv, ks, vs, scores, cos, sin = _batch_case(rng, 3, 2, 2, 16, True)
+
+    def call(**kw: object) -> np.ndarray:
+        a = dict(qkv=qkv, k_caches=ks, v_caches=vs, positions=positions, cos=cos, sin=sin, n_heads=n_heads,
+                 scale=0.25, scores=scores)
+        a.update(kw)
+        return kernels.attention_decode_batch(**a)
+
+    call()  # the good case works
+    with pytest.raises(ShapeError, match="as many"):
+        call(positions=positions[:2])
+    with pytest.raises(ShapeError, match="as many"):
+        call(qkv=qkv[:2])
+    with pytest.raises(ShapeError):
+        call(positions=[0, 40, 0])  # past max_len
+    with pytest.raises(ShapeError):
+        call(positions=[0, -1, 0])
+    with pytest.raises(ShapeError):
+        call(positions=[0, "1", 0])
+    with pytest.raises(ShapeError):  # a cache of another max_len is fine, a position past it is not
+        call(k_caches=[ks[0], ks[1][:, :8].copy(), ks[2]], v_caches=[vs[0], vs[1][:, :8].copy(), vs[2]],
+             scores=[scores[0], scores[1][:, :8].copy(), scores[2]], positions=[0, 8, 0])
+    with pytest.raises(ShapeError):  # scores of the wrong max_len
+        call(scores=[scores[0], scores[1][:, :8].copy(), scores[2]])
+    with pytest.raises(ShapeError):
+        call(k_caches=[ks[0], ks[1].astype(np.float64), ks[2]], v_caches=[vs[0], vs[1].astype(np.float64), vs[2]])
+    with pytest.raises(ShapeError):
+        call(qkv=qkv.astype(np.float64))
+    with pytest.raises(ShapeError):
+        call(cos=cos.astype(np.float64))
+    with pytest.raises(ShapeError):  # RoPE tables too short for a position
+        call(cos=cos[:2].copy(), sin=sin[:2].copy(), positions=[0, 5, 0])
+    with pytest.raises(ShapeError):  # not contiguous
+        call(qkv=np.asfortranarray(qkv))
+    with pytest.raises(ShapeError):  # not contiguous
+        call(k_caches=[ks[0], ks[1][:, ::2], ks[2]], v_caches=[vs[0], vs[1][:, ::2], vs[2]])
+    with pytest.raises(ShapeError):  # read-only cache
+        ro = ks[1].copy()
+        ro.flags.writeable = False
+        call(k_caches=[ks[0], ro, ks[2]])
+    with pytest.raises(ShapeError, match="overlap"):  # shared scratch would race
+        call(scores=[scores[0], scores[0], scores[2]])
+    with pytest.raises(ShapeError):
+        call(k_caches=[], v_caches=[], positions=[], scores=[], qkv=qkv[:0])
+    with pytest.raises(ShapeError):  # heads that do not divide
+        call(n_heads=3)

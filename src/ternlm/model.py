@@ -106,9 +106,10 @@ class Transformer:
         c = self.config
         qkv = w.qkv(x)  # (t, q_dim + 2 kv_dim)
         if len(qkv) == len(caches):  # one new token per sequence: RoPE, cache write and attention in C
-            out = np.stack([kernels.attention_decode(row, cache.k[i], cache.v[i], pos, self.rope.cos[pos],
-                                                     self.rope.sin[pos], c.n_heads, self.scale, cache.scores)
-                            for row, cache, pos in zip(qkv, caches, starts, strict=True)])
+            out = kernels.attention_decode_batch(qkv, [cache.k[i] for cache in caches],
+                                                 [cache.v[i] for cache in caches], starts, self.rope.cos,
+                                                 self.rope.sin, c.n_heads, self.scale,
+                                                 [cache.scores for cache in caches])
         else:
             out = self.attention_prefill(qkv, i, caches[0], starts[0])
         if w.attn_sub_norm is not None:

@@ -31,6 +31,7 @@ else:
 __all__ = [
     "active_isa",
     "attention_decode",
+    "attention_decode_batch",
     "available_isas",
     "default_threads",
     "float_matmul",
@@ -261,6 +262,34 @@ def attention_decode(qkv: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, 
         return _ref.attention_decode(qkv, k_cache, v_cache, pos, cos, sin, n_heads, scale)
     out = np.empty(n_heads * hd, _F32)
     _ext.attention_decode(qkv, k_cache, v_cache, max_len, pos, cos, sin, n_heads, n_kv, hd, scale, scores, out)
+    return out
+
+
+def attention_decode_batch(qkv: np.ndarray, k_caches: list[np.ndarray], v_caches: list[np.ndarray],
+                           positions: list[int], cos: np.ndarray, sin: np.ndarray, n_heads: int, scale: float,
+                           scores: list[np.ndarray]) -> np.ndarray:
+    """``attention_decode`` for b sequences in one call, the same bits as b calls of it.
+
+    qkv (b, n_heads*hd + 2*n_kv*hd) float32; k_caches[j], v_caches[j] (n_kv, max_len_j, hd) and
+    scores[j] (n_heads, max_len_j) of sequence j, written at positions[j]; cos, sin the whole RoPE tables
+    (rows, hd/2), row positions[j] used. Returns (b, n_heads*hd) float32.
+    """
+    if not len(k_caches) == len(v_caches) == len(positions) == len(scores) == len(qkv):
+        raise ShapeError(f"attention_decode_batch: {len(qkv)} qkv rows, {len(k_caches)} k_caches, "
+                         f"{len(v_caches)} v_caches, {len(positions)} positions and {len(scores)} scores "
+                         "must be as many")
+    if not k_caches:
+        raise ShapeError("attention_decode_batch: need at least one sequence")
+    n_kv, _, hd = k_caches[0].shape if k_caches[0].ndim == 3 else (0, 0, 0)
+    for k, v in zip(k_caches, v_caches, strict=True):
+        if k.ndim != 3 or v.shape != k.shape or k.shape[0] != n_kv or k.shape[2] != hd:
+            raise ShapeError(f"attention_decode_batch: caches must all be (n_kv, max_len, hd), got {k.shape} "
+                             f"and {v.shape}")
+    if _ext is None:
+        return np.stack([_ref.attention_decode(row, k, v, p, cos[p], sin[p], n_heads, scale)
+                         for row, k, v, p in zip(qkv, k_caches, v_caches, positions, strict=True)])
+    out = np.empty((len(qkv), n_heads * hd), _F32)
+    _ext.attention_decode_batch(qkv, k_caches, v_caches, positions, cos, sin, scores, n_heads, n_kv, hd, scale, out)
     return out
 
 

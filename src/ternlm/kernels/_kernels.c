@@ -763,6 +763,144 @@ static PyObject *py_attention_decode(PyObject *self, PyObject *const *args, Py_s
     Py_RETURN_NONE;
 }
 
+/* attention_decode_batch(qkv, k_caches, v_caches, positions, cos, sin, scores, n_heads, n_kv, hd, scale, out):
+ * qkv (b, (n_heads + 2 n_kv) hd); k_caches, v_caches, scores: b arrays each, sequence i's (n_kv, max_len_i, hd)
+ * and (n_heads, max_len_i); positions b ints; cos, sin (rows, hd/2) tables indexed by position; out (b, n_heads hd). */
+static PyObject *py_attention_decode_batch(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    const char *fn = "attention_decode_batch";
+    int64_t s[3];
+    float scale;
+    if (check_nargs(nargs, 12, fn) || get_i64(args[7], "n_heads", &s[0]) || get_i64(args[8], "n_kv", &s[1]) ||
+        get_i64(args[9], "hd", &s[2]) || get_f32(args[10], "scale", &scale) || check_sizes(3, s, fn))
+        return NULL;
+    const int64_t n_heads = s[0], n_kv = s[1], hd = s[2];
+    if (n_heads % n_kv || n_heads / n_kv > TL_MAX_GROUP || hd > TL_MAX_HEAD_DIM || hd % 2) {
+        PyErr_Format(shape_error, "%s: head counts or head_dim out of range", fn);
+        return NULL;
+    }
+    PyObject *seqs[4] = {NULL, NULL, NULL, NULL}; /* k_caches, v_caches, positions, scores */
+    const int seq_arg[4] = {1, 2, 3, 6};
+    const char *seq_name[4] = {"k_caches", "v_caches", "positions", "scores"};
+    PyObject *ret = NULL;
+    Py_buffer *views = NULL;
+    void **ptrs = NULL;
+    int64_t *nums = NULL;
+    int n = 0;
+    for (int a = 0; a < 4; a++) {
+        seqs[a] = PySequence_Tuple(args[seq_arg[a]]); /* a copy: item conversions cannot resize it */
+        if (!seqs[a]) {
+            PyErr_Clear();
+            PyErr_Format(shape_error, "%s: %s must be a list", fn, seq_name[a]);
+            goto done;
+        }
+    }
+    const Py_ssize_t b = PyTuple_GET_SIZE(seqs[0]);
+    for (int a = 1; a < 4; a++)
+        if (PyTuple_GET_SIZE(seqs[a]) != b) {
+            PyErr_Format(shape_error, "%s: k_caches, v_caches, positions and scores must be as many, got %zd, %zd, "
+                         "%zd and %zd", fn, b, PyTuple_GET_SIZE(seqs[1]), PyTuple_GET_SIZE(seqs[2]),
+                         PyTuple_GET_SIZE(seqs[3]));
+            goto done;
+        }
+    if (b <= 0 || b > (1 << 20)) {
+        PyErr_Format(shape_error, "%s: need 1 to %d sequences, got %zd", fn, 1 << 20, b);
+        goto done;
+    }
+    views = PyMem_Malloc((size_t)(3 * b + 4) * sizeof *views);
+    ptrs = PyMem_Malloc((size_t)(3 * b) * sizeof *ptrs);
+    nums = PyMem_Malloc((size_t)(2 * b) * sizeof *nums); /* max_lens, positions */
+    if (!views || !ptrs || !nums) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    const int64_t row = (n_heads + 2 * n_kv) * hd;
+    if (get_buf(args[0], "qkv", 'f', 4, cnt(b, row), 0, &views[n]) || (++n, 0) ||
+        get_buf(args[11], "out", 'f', 4, cnt(b, n_heads * hd), 1, &views[n]) || (++n, 0))
+        goto done;
+    /* the RoPE tables: any number of whole rows of hd/2 */
+    int64_t rows[2];
+    for (int t = 0; t < 2; t++) {
+        const char *name = t ? "sin" : "cos";
+        if (PyObject_GetBuffer(args[4 + t], &views[n], PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) {
+            PyErr_Clear();
+            PyErr_Format(shape_error, "%s: %s: expected a C-contiguous float32 array", fn, name);
+            goto done;
+        }
+        n++;
+        if (views[n - 1].itemsize != 4 || !format_is(views[n - 1].format, 'f') ||
+            views[n - 1].len % (hd / 2 * 4)) {
+            PyErr_Format(shape_error, "%s: %s: expected float32 rows of hd/2 = %lld", fn, name, (long long)(hd / 2));
+            goto done;
+        }
+        rows[t] = (int64_t)views[n - 1].len / (hd / 2 * 4);
+    }
+    if (rows[0] != rows[1]) {
+        PyErr_Format(shape_error, "%s: cos and sin tables differ in length", fn);
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < b; i++) {
+        PyObject *items[4];
+        for (int a = 0; a < 4; a++) items[a] = PyTuple_GET_ITEM(seqs[a], i);
+        int64_t pos;
+        if (get_i64(items[2], "positions", &pos)) goto done;
+        /* max_len from k_cache's length, then every other buffer checked against it */
+        if (PyObject_GetBuffer(items[0], &views[n], PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | PyBUF_WRITABLE) < 0) {
+            PyErr_Clear();
+            PyErr_Format(shape_error, "%s: k_caches[%zd]: expected a C-contiguous writable float32 array", fn, i);
+            goto done;
+        }
+        const Py_buffer *kv = &views[n++];
+        const int64_t per_pos = n_kv * hd * 4;
+        if (kv->itemsize != 4 || !format_is(kv->format, 'f') || kv->len <= 0 || kv->len % per_pos) {
+            PyErr_Format(shape_error, "%s: k_caches[%zd]: expected float32 (n_kv=%lld, max_len, hd=%lld)", fn, i,
+                         (long long)n_kv, (long long)hd);
+            goto done;
+        }
+        const int64_t max_len = (int64_t)kv->len / per_pos;
+        if (pos < 0 || pos >= max_len || pos >= rows[0]) {
+            PyErr_Format(shape_error, "%s: positions[%zd] = %lld out of range (max_len %lld, %lld RoPE rows)", fn, i,
+                         (long long)pos, (long long)max_len, (long long)rows[0]);
+            goto done;
+        }
+        if (get_buf(items[1], "v_caches[i]", 'f', 4, cnt(cnt(n_kv, max_len), hd), 1, &views[n]) || (++n, 0) ||
+            get_buf(items[3], "scores[i]", 'f', 4, cnt(n_heads, max_len), 1, &views[n]) || (++n, 0))
+            goto done;
+        ptrs[i] = kv->buf;
+        ptrs[b + i] = views[n - 2].buf;
+        ptrs[2 * b + i] = views[n - 1].buf;
+        nums[i] = max_len;
+        nums[b + i] = pos;
+    }
+    /* scores are written concurrently: they must not overlap */
+    for (Py_ssize_t i = 0; i < b; i++)
+        for (Py_ssize_t j = 0; j < i; j++) {
+            const char *p = ptrs[2 * b + i], *q = ptrs[2 * b + j];
+            if (p < q + nums[j] * n_heads * 4 && q < p + nums[i] * n_heads * 4) {
+                PyErr_Format(shape_error, "%s: scores[%zd] and scores[%zd] overlap", fn, j, i);
+                goto done;
+            }
+        }
+    int st;
+    Py_BEGIN_ALLOW_THREADS
+    st = tl_attention_decode_batch(b, views[0].buf, (float *const *)ptrs, (float *const *)(ptrs + b), nums, nums + b,
+                                   views[2].buf, views[3].buf, (int)n_heads, (int)n_kv, (int)hd, scale,
+                                   (float *const *)(ptrs + 2 * b), views[1].buf);
+    Py_END_ALLOW_THREADS
+    if (st != TL_OK) {
+        raise_status(st);
+        goto done;
+    }
+    ret = Py_NewRef(Py_None);
+done:
+    if (views) release_all(views, n);
+    PyMem_Free(views);
+    PyMem_Free(ptrs);
+    PyMem_Free(nums);
+    for (int a = 0; a < 4; a++) Py_XDECREF(seqs[a]);
+    return ret;
+}
+
 static PyMethodDef methods[] = {
     {"quantize", (PyCFunction)(void (*)(void))py_quantize, METH_FASTCALL,
      "quantize(x, xq, a_scale, sums, m, k, k_pad): per-row int8 quantization into the given buffers"},
@@ -782,6 +920,8 @@ static PyMethodDef methods[] = {
     {"glu", (PyCFunction)(void (*)(void))py_glu, METH_FASTCALL, "glu(gu, m, f, act, out)"},
     {"attention_decode", (PyCFunction)(void (*)(void))py_attention_decode, METH_FASTCALL,
      "attention_decode(qkv, k_cache, v_cache, max_len, pos, cos, sin, n_heads, n_kv, hd, scale, scores, out)"},
+    {"attention_decode_batch", (PyCFunction)(void (*)(void))py_attention_decode_batch, METH_FASTCALL,
+     "attention_decode_batch(qkv, k_caches, v_caches, positions, cos, sin, scores, n_heads, n_kv, hd, scale, out)"},
     {"float_matmul", (PyCFunction)(void (*)(void))py_float_matmul, METH_FASTCALL,
      "float_matmul(w, dtype, n, k, x, m, y): y (m, n) = x (m, k) . w (n, k)^T; dtype 0 f32, 1 f16, 2 bf16"},
     {"read_probe", py_read_probe, METH_O, "read_probe(buf) -> int: one threaded pass over buf (bandwidth probe)"},

@@ -6,6 +6,7 @@
  * AVX2 (helpers are inlined into every clone) and the loader picks the clone at run time. */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "ternary.h"
@@ -166,44 +167,93 @@ typedef struct {
     float scale;
 } attn_job;
 
-CLONES static void attend_kv_heads(void *arg, int64_t g0, int64_t g1) {
-    const attn_job *j = arg;
+/* The query heads of KV head g of one sequence's job. */
+INLINE void attend_kv_head(const attn_job *j, int64_t g) {
     const int group = j->n_heads / j->n_kv, hd = j->hd;
     float qr[TL_MAX_GROUP * TL_MAX_HEAD_DIM];
-    for (int64_t g = g0; g < g1; g++) {
-        const float *keys = j->k_cache + g * j->max_len * hd, *values = j->v_cache + g * j->max_len * hd;
-        float *scores = j->scores + g * group * j->max_len; /* (group, max_len) */
-        for (int h = 0; h < group; h++) rope(j->qkv + (g * group + h) * hd, j->cos, j->sin, hd, qr + h * hd);
-        for (int64_t s = 0; s < j->len; s++)
-            for (int h = 0; h < group; h += 4)
-                score_heads(qr + h * hd, group - h < 4 ? group - h : 4, keys + s * hd, hd, j->scale,
-                            scores + h * j->max_len + s, j->max_len);
-        for (int h = 0; h < group; h++) {
-            float *sc = scores + h * j->max_len, top = -INFINITY, total = 0.0f;
-            for (int64_t s = 0; s < j->len; s++) top = sc[s] > top ? sc[s] : top;
-            for (int64_t s = 0; s < j->len; s++) sc[s] = exp_nonpositive(sc[s] - top);
-            for (int64_t s = 0; s < j->len; s++) total += sc[s];
-            for (int64_t s = 0; s < j->len; s++) sc[s] /= total;
-        }
+    const float *keys = j->k_cache + g * j->max_len * hd, *values = j->v_cache + g * j->max_len * hd;
+    float *scores = j->scores + g * group * j->max_len; /* (group, max_len) */
+    for (int h = 0; h < group; h++) rope(j->qkv + (g * group + h) * hd, j->cos, j->sin, hd, qr + h * hd);
+    for (int64_t s = 0; s < j->len; s++)
         for (int h = 0; h < group; h += 4)
-            weigh_values(scores + h * j->max_len, j->max_len, group - h < 4 ? group - h : 4, values, j->len, hd,
-                         j->out + (g * group + h) * hd);
+            score_heads(qr + h * hd, group - h < 4 ? group - h : 4, keys + s * hd, hd, j->scale,
+                        scores + h * j->max_len + s, j->max_len);
+    for (int h = 0; h < group; h++) {
+        float *sc = scores + h * j->max_len, top = -INFINITY, total = 0.0f;
+        for (int64_t s = 0; s < j->len; s++) top = sc[s] > top ? sc[s] : top;
+        for (int64_t s = 0; s < j->len; s++) sc[s] = exp_nonpositive(sc[s] - top);
+        for (int64_t s = 0; s < j->len; s++) total += sc[s];
+        for (int64_t s = 0; s < j->len; s++) sc[s] /= total;
     }
+    for (int h = 0; h < group; h += 4)
+        weigh_values(scores + h * j->max_len, j->max_len, group - h < 4 ? group - h : 4, values, j->len, hd,
+                     j->out + (g * group + h) * hd);
 }
 
-int tl_attention_decode(const float *qkv, float *k_cache, float *v_cache, int64_t max_len, int64_t pos,
-                        const float *cos, const float *sin, int n_heads, int n_kv, int hd, float scale,
-                        float *scores, float *out) {
-    if (!qkv || !k_cache || !v_cache || !cos || !sin || !scores || !out) return TL_ENULL;
+CLONES static void attend_kv_heads(void *arg, int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; g++) attend_kv_head(arg, g);
+}
+
+/* Items of a batch: (sequence, KV head) pairs, item = sequence * n_kv + head. */
+typedef struct {
+    const attn_job *jobs;
+    int n_kv;
+} attn_batch;
+
+CLONES static void attend_batch_items(void *arg, int64_t i0, int64_t i1) {
+    const attn_batch *bt = arg;
+    for (int64_t i = i0; i < i1; i++) attend_kv_head(&bt->jobs[i / bt->n_kv], i % bt->n_kv);
+}
+
+/* Checks the sizes and stores this token's roped key and its value at pos. */
+static int store_kv(const float *qkv, float *k_cache, float *v_cache, int64_t max_len, int64_t pos,
+                    const float *cos, const float *sin, int n_heads, int n_kv, int hd) {
+    if (!qkv || !k_cache || !v_cache || !cos || !sin) return TL_ENULL;
     if (n_heads <= 0 || n_kv <= 0 || hd <= 0 || max_len <= 0) return TL_ESIZE;
     if (n_heads % n_kv || n_heads / n_kv > TL_MAX_GROUP || hd % 2 || hd > TL_MAX_HEAD_DIM || pos < 0 ||
         pos >= max_len)
         return TL_ERANGE;
     const float *k = qkv + (int64_t)n_heads * hd, *v = k + (int64_t)n_kv * hd;
-    for (int g = 0; g < n_kv; g++) { /* store this token's roped key and its value */
+    for (int g = 0; g < n_kv; g++) {
         rope(k + (int64_t)g * hd, cos, sin, hd, k_cache + ((int64_t)g * max_len + pos) * hd);
         memcpy(v_cache + ((int64_t)g * max_len + pos) * hd, v + (int64_t)g * hd, (size_t)hd * sizeof(float));
     }
+    return TL_OK;
+}
+
+int tl_attention_decode(const float *qkv, float *k_cache, float *v_cache, int64_t max_len, int64_t pos,
+                        const float *cos, const float *sin, int n_heads, int n_kv, int hd, float scale,
+                        float *scores, float *out) {
+    if (!scores || !out) return TL_ENULL;
+    const int st = store_kv(qkv, k_cache, v_cache, max_len, pos, cos, sin, n_heads, n_kv, hd);
+    if (st != TL_OK) return st;
     attn_job job = {qkv, cos, sin, k_cache, v_cache, scores, out, max_len, pos + 1, n_heads, n_kv, hd, scale};
     return tl_parallel_for(n_kv, 1, attend_kv_heads, &job);
+}
+
+int tl_attention_decode_batch(int64_t b, const float *qkv, float *const *k_caches, float *const *v_caches,
+                              const int64_t *max_lens, const int64_t *pos, const float *cos, const float *sin,
+                              int n_heads, int n_kv, int hd, float scale, float *const *scores, float *out) {
+    if (!qkv || !k_caches || !v_caches || !max_lens || !pos || !cos || !sin || !scores || !out) return TL_ENULL;
+    if (b <= 0 || n_heads <= 0 || n_kv <= 0 || hd <= 0) return TL_ESIZE;
+    if (b > ((int64_t)1 << 40) / (n_kv > n_heads ? n_kv : n_heads)) return TL_ERANGE;
+    attn_job *jobs = malloc((size_t)b * sizeof *jobs);
+    if (!jobs) return TL_ERANGE;
+    const int64_t row = (int64_t)(n_heads + 2 * n_kv) * hd, half = hd / 2;
+    int st = TL_OK;
+    for (int64_t i = 0; i < b && st == TL_OK; i++) {
+        if (!scores[i]) st = TL_ENULL;
+        else if (pos[i] < 0 || pos[i] >= max_lens[i]) st = TL_ERANGE;
+        if (st != TL_OK) break;
+        const float *q = qkv + i * row, *c = cos + pos[i] * half, *s = sin + pos[i] * half;
+        st = store_kv(q, k_caches[i], v_caches[i], max_lens[i], pos[i], c, s, n_heads, n_kv, hd);
+        jobs[i] = (attn_job){q,           c,          s,       k_caches[i], v_caches[i], scores[i],
+                             out + i * n_heads * hd, max_lens[i], pos[i] + 1, n_heads, n_kv, hd, scale};
+    }
+    if (st == TL_OK) {
+        attn_batch bt = {jobs, n_kv};
+        st = tl_parallel_for(b * n_kv, 1, attend_batch_items, &bt);
+    }
+    free(jobs);
+    return st;
 }

@@ -108,6 +108,13 @@ int tl_glu(const float *gu, int64_t m, int64_t f, int act, float *z);
 int tl_attention_decode(const float *qkv, float *k_cache, float *v_cache, int64_t max_len, int64_t pos,
                         const float *cos, const float *sin, int n_heads, int n_kv, int hd, float scale,
                         float *scores, float *out);
+/* tl_attention_decode for b sequences at once, each with its own caches: qkv (b, n_heads*hd + 2*n_kv*hd),
+ * sequence i's caches k_caches[i], v_caches[i] (n_kv, max_lens[i], hd) written at pos[i] < max_lens[i],
+ * RoPE rows cos, sin + pos[i] * hd/2 (tables the caller sized past every pos), scores[i] (n_heads,
+ * max_lens[i]) scratch (distinct per sequence), out (b, n_heads*hd). Threaded over (sequence, KV head). */
+int tl_attention_decode_batch(int64_t b, const float *qkv, float *const *k_caches, float *const *v_caches,
+                              const int64_t *max_lens, const int64_t *pos, const float *cos, const float *sin,
+                              int n_heads, int n_kv, int hd, float scale, float *const *scores, float *out);
 
 /* Threads: total count including the caller; the pool starts lazily on the first parallel call. */
 int tl_set_threads(int n);

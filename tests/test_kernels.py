@@ -199,7 +199,8 @@ def q8_case(rng, m, n, k, outlier=True):
     return T.quantize_q8_0(w), x
 
 
-Q8_SHAPES = [(1, 1, 32), (1, 5, 64), (1, 9, 96), (1, 37, 2560), (1, 131, 544), (2, 3, 512), (3, 11, 1056), (7, 6, 32)]
+Q8_SHAPES = [(1, 1, 32), (1, 5, 64), (1, 9, 96), (1, 37, 2560), (1, 131, 544), (2, 3, 512), (3, 11, 1056), (7, 6, 32),
+              (8, 9, 1056), (11, 5, 544)]  # batched decode: 2 x 4, 2 x 2 and 2 x 1 tiles
 
 
 def test_q8_quantize_bit_identical(isa):

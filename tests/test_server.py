@@ -340,3 +340,20 @@ def test_token_id_completions_without_tokenizer(tmp_path) -> None:
         assert sum(1 for c in chunks if c["choices"] and c["choices"][0]["logprobs"]) == 5
         text = httpx.post(url + "/v1/completions", json={**body, "prompt": "words"})
         assert text.status_code == 400 and "tokenizer" in text.json()["error"]["message"]
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_engine_failure_fails_requests_and_health(model: ternlm.Model, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fastapi.testclient import TestClient
+
+    from ternlm.server import create_app
+
+    with TestClient(create_app(model)) as http:
+        _wait_for(lambda: http.get("/ready").status_code == 200)
+        engine = http.app.state.ternlm.engine
+        monkeypatch.setattr(engine, "_decode", lambda: 1 / 0)  # a bug inside the engine thread
+        r = http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 4})
+        assert r.status_code == 500 and "engine stopped: ZeroDivisionError" in r.json()["error"]["message"]
+        assert http.get("/health").status_code == 500
+        r = http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 4})
+        assert r.status_code == 503

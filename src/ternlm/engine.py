@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ternlm.api import Model
-from ternlm.errors import OverloadedError, TernlmError
+from ternlm.errors import EngineError, OverloadedError, TernlmError
 from ternlm.generate import Decoding, GenerationEvent, check_request
 from ternlm.kvcache import KVCache
 from ternlm.metrics import Metrics
@@ -47,7 +47,10 @@ class Stream:
     def put(self, item: object) -> None:
         """Called by the engine thread."""
         if self._async is not None:
-            self._loop.call_soon_threadsafe(self._async.put_nowait, item)
+            try:
+                self._loop.call_soon_threadsafe(self._async.put_nowait, item)
+            except RuntimeError:  # the event loop has closed (server shutdown): nobody is listening
+                self.cancel()
         else:
             self._sync.put(item)
 
@@ -118,6 +121,7 @@ class Engine:
         self._wake = threading.Condition()
         self._running = False
         self._thread: threading.Thread | None = None
+        self.error: str | None = None  # why the engine thread died, if it did
         self._rate: collections.deque[tuple[float, int]] = collections.deque(maxlen=32)  # (time, tokens) per step
 
     # -- called from any thread ------------------------------------------------------------------------------
@@ -135,7 +139,7 @@ class Engine:
         request = Request(ids, decoding, Stream(loop))
         with self._wake:
             if not self._running:
-                raise TernlmError("the engine is not running")
+                raise OverloadedError("the engine is not running")
             if len(self._waiting) >= self.queue_size + self._free_slots():
                 raise OverloadedError(f"{len(self._waiting)} requests are waiting; try again shortly")
             self._waiting.append(request)
@@ -181,7 +185,10 @@ class Engine:
                 self._decode()
                 self._update_gauges()
         except BaseException as e:  # a bug: fail every request loudly rather than hang its client
-            self._fail_all(TernlmError(f"engine stopped: {type(e).__name__}: {e}"))
+            with self._wake:
+                self._running = False
+            self.error = f"{type(e).__name__}: {e}"
+            self._fail_all(EngineError(f"engine stopped: {self.error}"))
             raise
         self._fail_all(TernlmError("the server is shutting down"))
 

@@ -27,3 +27,7 @@ class ParamError(TernlmError, ValueError):
 
 class OverloadedError(TernlmError):
     """The server's request queue is full; the client should retry later (HTTP 503)."""
+
+
+class EngineError(TernlmError):
+    """The serving engine stopped on an internal error; its requests fail (HTTP 500) and /health says so."""

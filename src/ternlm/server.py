@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ternlm import protocol
 from ternlm.api import Model
 from ternlm.engine import Engine, Stream
-from ternlm.errors import ContextOverflowError, OverloadedError, TernlmError
+from ternlm.errors import ContextOverflowError, EngineError, OverloadedError, TernlmError
 from ternlm.generate import GenerationEvent
 from ternlm.metrics import Metrics
 from ternlm.protocol import ChatRequest, CompletionRequest, error_body
@@ -150,8 +150,9 @@ def create_app(model: Model | Callable[[], Model], config: ServerConfig | None =
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        if state.load_error:
-            return JSONResponse({"status": "error", "error": state.load_error}, status_code=500)
+        error = state.load_error or (state.engine.error if state.engine is not None else None)
+        if error:
+            return JSONResponse({"status": "error", "error": error}, status_code=500)
         return JSONResponse({"status": "ok"})
 
     @app.get("/ready")
@@ -448,6 +449,10 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(OverloadedError)
     async def overloaded(_: Request, e: OverloadedError) -> JSONResponse:
         return respond(503, str(e), "server_error", "overloaded", {"Retry-After": "1"})
+
+    @app.exception_handler(EngineError)
+    async def engine_error(_: Request, e: EngineError) -> JSONResponse:
+        return respond(500, str(e), "server_error")
 
     @app.exception_handler(TernlmError)
     async def bad_request(_: Request, e: TernlmError) -> JSONResponse:

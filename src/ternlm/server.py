@@ -23,7 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ternlm import protocol
+from ternlm import grammar, protocol
 from ternlm.api import Model
 from ternlm.engine import Engine, Stream
 from ternlm.errors import ContextOverflowError, EngineError, OverloadedError, TernlmError
@@ -82,8 +82,6 @@ def create_app(model: Model | Callable[[], Model], config: ServerConfig | None =
     def load_and_prepare() -> Model:
         m = model() if callable(model) and not isinstance(model, Model) else model
         if m.tokenizer is not None:  # the grammar library's view of the vocabulary: ~1 s for 128k ids, once
-            from ternlm import grammar
-
             try:
                 grammar.prepare(m.tokenizer)
             except TernlmError as e:  # only JSON-constrained requests need it; they will get this as a 400
@@ -308,8 +306,6 @@ def _tools_prompt(tools: list[dict[str, Any]]) -> str:
 def _chat_constraint(model: Model, req: ChatRequest, tools: list[dict[str, Any]]) -> object | None:
     if req.response_format is None and not tools:
         return None
-    from ternlm import grammar  # the constrained-decoding library loads only when a request needs it
-
     tok = _tokenizer(model)
     if tools:
         schema = grammar.tool_call_schema(tools, req.tool_choice)
@@ -323,11 +319,7 @@ def _chat_constraint(model: Model, req: ChatRequest, tools: list[dict[str, Any]]
 
 
 def _tool_calls(text: str, tools: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
-    if not tools:
-        return None
-    from ternlm import grammar
-
-    return grammar.parse_tool_calls(text, tools)
+    return grammar.parse_tool_calls(text, tools) if tools else None
 
 
 async def _collect(stream: Stream, request: Request) -> list[GenerationEvent]:

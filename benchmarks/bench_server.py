@@ -29,9 +29,7 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,6 +40,8 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+
+from ternlm.server import serve_subprocess
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "bench-models" / "2b4t-random"
 
@@ -74,12 +74,6 @@ class RoundResult:
 
 # -- the server -----------------------------------------------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def synthetic_tokenizer_dir(model: Path, tmp: Path) -> Path:
     """A directory of links to `model`'s files plus a word-level tokenizer.json where id i decodes to "t<i>"."""
     import tokenizers
@@ -102,38 +96,13 @@ def synthetic_tokenizer_dir(model: Path, tmp: Path) -> Path:
 
 @contextmanager
 def server(model: Path, threads: int, slots: int, extra: list[str], timeout: float = 300.0) -> Iterator[str]:
-    """Run `ternlm serve` on a free port; yield its base URL once /ready answers 200, stop it afterwards."""
-    port = free_port()
-    cmd = [sys.executable, "-m", "ternlm", "serve", str(model), "--host", "127.0.0.1", "--port", str(port),
-           "--slots", str(slots), "--threads", str(threads), "--log-level", "warning", *extra]
-    url = f"http://127.0.0.1:{port}"
+    """`ternlm serve` on a free port with its output in a temporary file, whose tail is printed at the end."""
+    args = [str(model), "--slots", str(slots), "--threads", str(threads), "--log-level", "warning", *extra]
     with tempfile.TemporaryFile(mode="w+") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
         try:
-            deadline = time.monotonic() + timeout
-            while True:
-                if proc.poll() is not None:
-                    log.seek(0)
-                    raise RuntimeError(f"ternlm serve exited with {proc.returncode}:\n{log.read()}")
-                try:
-                    if httpx.get(url + "/ready", timeout=1.0).status_code == 200:
-                        break
-                    health = httpx.get(url + "/health", timeout=1.0)
-                    if health.status_code == 500:  # the model failed to load; the process stays up to say why
-                        raise RuntimeError(f"ternlm serve could not load the model: {health.text}")
-                except httpx.TransportError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"ternlm serve did not become ready in {timeout:.0f} s")
-                time.sleep(0.2)
-            yield url
+            with serve_subprocess(args, timeout, log) as url:
+                yield url
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
             log.seek(0)
             tail = log.read()[-4000:]
             if tail.strip():

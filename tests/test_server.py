@@ -16,11 +16,13 @@ import openai
 import pytest
 
 import ternlm
-from server_process import running_server
 from ternlm.sampling import log_softmax
+from ternlm.server import serve_subprocess
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say something."}]
 NO_EOS = {"ignore_eos": True}
+
+SERVER_ARGS = ["--threads", "1", "--log-level", "warning"]
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +32,7 @@ def model() -> ternlm.Model:
 
 @pytest.fixture(scope="module")
 def url() -> str:
-    with running_server("--slots", "4") as u:
+    with serve_subprocess([*SERVER_ARGS, "--slots", "4"]) as u:
         yield u
 
 
@@ -216,7 +218,7 @@ def _wait_for(condition, timeout: float = 10.0) -> None:
 
 
 def test_disconnect_frees_slot_and_full_queue_answers_503() -> None:
-    with running_server("--slots", "1", "--queue-size", "1", "--keep-alive", "0.001") as url:
+    with serve_subprocess([*SERVER_ARGS, "--slots", "1", "--queue-size", "1", "--keep-alive", "0.001"]) as url:
         long_prefill = {"model": "default", "prompt": "x" * 1500, "max_tokens": 2, "stream": True}
         lines = [x for x in httpx.post(url + "/v1/completions", json=long_prefill, timeout=30).iter_lines() if x]
         assert ": keep-alive" in lines and lines[-1] == "data: [DONE]"  # the prefill outlasted 1 ms
@@ -330,7 +332,7 @@ def test_token_id_completions_without_tokenizer(tmp_path) -> None:
 
     for name in ("config.json", "model.safetensors"):
         shutil.copy(default_model_path() / name, tmp_path / name)
-    with running_server(str(tmp_path)) as url:
+    with serve_subprocess([*SERVER_ARGS, str(tmp_path)]) as url:
         body = {"prompt": [1, 2, 3], "max_tokens": 5, "ignore_eos": True, "logprobs": 1, "temperature": 0}
         r = httpx.post(url + "/v1/completions", json=body).json()
         assert r["usage"]["completion_tokens"] == 5 and r["choices"][0]["text"] == ""
@@ -357,3 +359,11 @@ def test_engine_failure_fails_requests_and_health(model: ternlm.Model, monkeypat
         assert http.get("/health").status_code == 500
         r = http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 4})
         assert r.status_code == 503
+
+
+def test_serve_reports_a_model_that_fails_to_load(tmp_path) -> None:
+    from ternlm.errors import TernlmError
+
+    with pytest.raises(TernlmError, match="could not load the model"), \
+            serve_subprocess([*SERVER_ARGS, str(tmp_path / "missing")]):
+        pass

@@ -7,7 +7,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from server_process import running_server
+from ternlm.server import serve_subprocess
+
+SERVER_ARGS = ["--threads", "1", "--log-level", "warning"]
+
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 if CHROMIUM is None:
@@ -36,7 +39,7 @@ COUNT_UPDATES_JS = """() => {
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[str]:
-    with running_server() as url:
+    with serve_subprocess(SERVER_ARGS) as url:
         yield url
 
 

@@ -10,12 +10,17 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
+import subprocess
+import sys
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
@@ -256,6 +261,49 @@ def create_app(model: Model | Callable[[], Model], config: ServerConfig | None =
                              "usage": protocol.usage(events[-1] if events else None, len(ids))})
 
     return app
+
+
+@contextmanager
+def serve_subprocess(args: Sequence[str] = (), timeout: float = 60.0, log: IO | None = None) -> Iterator[str]:
+    """Run `ternlm serve ARGS` in a child process on a free loopback port; yield its base URL once /ready
+    answers 200, and stop it afterwards. Its output goes to `log` (default: this process's stdout/stderr).
+    For tests, benchmarks and notebooks that want a real server."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "ternlm", "serve", "--host", "127.0.0.1", "--port", str(port), *args]
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT if log is not None else None)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while _get(url + "/ready")[0] != 200:
+            if proc.poll() is not None:
+                raise TernlmError(f"ternlm serve exited with {proc.returncode}; see its output")
+            status, body = _get(url + "/health")
+            if status == 500:  # the model failed to load; the process stays up to say why
+                raise TernlmError(f"ternlm serve could not load the model: {body}")
+            if time.monotonic() > deadline:
+                raise TernlmError(f"ternlm serve did not become ready in {timeout:.0f} s")
+            time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _get(url: str) -> tuple[int | None, str]:
+    """Status and body of GET url; (None, "") while nothing answers."""
+    try:
+        with urllib.request.urlopen(url, timeout=1.0) as r:
+            return r.status, r.read().decode(errors="replace")
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode(errors="replace")
+    except OSError:
+        return None, ""
 
 
 # -- request handling -------------------------------------------------------------------------------------------

@@ -59,7 +59,14 @@ def bench(model: ternlm.Model, pp: int, tg: int) -> tuple[float, float]:
 
 
 KERNELS = ("quantize_activations", "ternary_matmul", "ternary_matmul_tq1", "float_matmul", "quantize_act_q8_0",
-           "q8_matmul", "q4_matmul", "rmsnorm", "glu", "attention_decode")
+           "q8_matmul", "q4_matmul", "rmsnorm", "glu", "attention_decode", "attention_decode_batch")
+
+
+def _key(fn: Callable, args: tuple) -> tuple:
+    """A kernel call's name and the shapes of its first two arguments (lists of arrays: their shapes)."""
+    def shape(a: object) -> object:
+        return tuple(shape(x) for x in a) if isinstance(a, list) else getattr(a, "shape", a)
+    return (fn.__name__, *(shape(a) for a in args[:2]))
 
 
 def python_overhead(model: ternlm.Model, steps: int = 16) -> tuple[float, float]:
@@ -89,14 +96,14 @@ def python_overhead(model: ternlm.Model, steps: int = 16) -> tuple[float, float]
             t0 = time.perf_counter()
             try:
                 out = fn(*args, **kwargs)
-                results[(fn.__name__, *(getattr(a, "shape", a) for a in args[:2]))] = out
+                results[_key(fn, args)] = out
                 return out
             finally:
                 spent[0] += time.perf_counter() - t0
         return wrapper
 
     def stub(fn: Callable) -> Callable:
-        return lambda *args, **kwargs: results[(fn.__name__, *(getattr(a, "shape", a) for a in args[:2]))]
+        return lambda *args, **kwargs: results[_key(fn, args)]
 
     try:
         for n, fn in originals.items():

@@ -290,6 +290,7 @@ def test_json_object_and_schema_outputs_parse(client: openai.OpenAI) -> None:
     r = client.chat.completions.create(model="default", messages=MESSAGES, max_tokens=300, temperature=0.7, seed=2,
                                        response_format={"type": "json_schema",
                                                         "json_schema": {"name": "place", "schema": schema}})
+    assert r.choices[0].finish_reason == "stop"  # the grammar ended it, not max_tokens
     value = json.loads(r.choices[0].message.content)
     assert set(value) == {"city", "rank"} and isinstance(value["rank"], int) and len(value["city"]) <= 12
 

@@ -8,9 +8,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ternlm import sampling as sampling_
 from ternlm.errors import ContextOverflowError, ParamError
-from ternlm.sampling import Sampler, SamplingParams
+from ternlm.sampling import Sampler, SamplingParams, top_logprobs
 from ternlm.tokenizer import StreamDecoder, Tokenizer
 
 if TYPE_CHECKING:
@@ -167,15 +166,14 @@ class Decoding:
         self.generated += 1
         top = None
         if self.logprobs is not None:  # reported under the model's own distribution, as vLLM does
-            logprob, top = sampling_.top_logprobs(raw, token, self.logprobs)
+            logprob, top = top_logprobs(raw, token, self.logprobs)
         if self.constraint is not None:
             self.constraint.accept(token)
         if token in self.stop_ids:  # the stop token itself shows no text
             return self._event(self._finish_text("")[0], token, logprob, "stop", top)
         text, hit = self.stops.feed(self.decoder.push(token))
-        if not hit and self.constraint is not None and self.constraint.done():
-            text, hit = self._finish_text(text)
-            hit = True
+        if not hit and self.constraint is not None and self.constraint.done():  # complete JSON ends it
+            text, hit = self._finish_text(text)[0], True
         if not hit and self.generated == self.max_tokens:
             text, hit = self._finish_text(text)
             return self._event(text, token, logprob, "stop" if hit else "length", top)

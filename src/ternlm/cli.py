@@ -160,7 +160,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 SERVE_OPTIONS: list[tuple[str, Callable, object, str]] = [
     ("host", str, "127.0.0.1", "address to bind; 0.0.0.0 exposes the server to the network"),
     ("port", int, 8080, "TCP port"),
-    ("model-name", str, None, "model id clients send as \"model\" (default: the model directory's name)"),
+    ("model-name", str, None, "model id clients send as \"model\"; None means the model directory's name"),
     ("slots", int, 8, "requests decoded together; each holds a KV cache of --ctx positions"),
     ("queue-size", int, 64, "requests that may wait for a free slot; beyond that the server answers 503"),
     ("prefill-chunk", int, 256, "prompt tokens prefilled per step between decode steps of running requests"),
@@ -172,10 +172,10 @@ SERVE_OPTIONS: list[tuple[str, Callable, object, str]] = [
 
 def _add_serve_args(p: argparse.ArgumentParser, file_values: dict[str, object]) -> None:
     p.add_argument("--config", default=_env("config", None),
-                   help="TOML file of serve settings, keys named like the flags (env TERNLM_CONFIG)")
+                   help="TOML file of serve settings, keys named like the flags (env TERNLM_CONFIG; default none)")
     for flag, kind, default, text in SERVE_OPTIONS:
         p.add_argument(f"--{flag}", type=kind, default=_env(flag, file_values.get(flag, default), kind),
-                       help=f"{text} (env TERNLM_{flag.upper().replace('-', '_')})")
+                       help=f"{text} (env TERNLM_{flag.upper().replace('-', '_')}; default %(default)s)")
 
 
 def _read_config(argv: list[str] | None) -> dict[str, object]:
@@ -232,8 +232,7 @@ def build_parser(file_values: dict[str, object] | None = None) -> argparse.Argum
     _add_model_args(info)
     info.set_defaults(func=cmd_info)
 
-    serve = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API",
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    serve = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API")
     _add_model_args(serve, file_values)
     _add_serve_args(serve, file_values)
     serve.set_defaults(func=cmd_serve)

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
+
+# ternlm keeps API keys and secrets under $TERNLM_HOME (default ~/.ternlm): tests, and the servers they start,
+# must never see the developer's own keys.
+os.environ["TERNLM_HOME"] = tempfile.mkdtemp(prefix="ternlm-test-home-")
 
 # --- byte-level BPE tokenizer (Llama-3 style special tokens), used by tokenizer/chat/generate tests ---
 

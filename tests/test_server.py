@@ -276,7 +276,7 @@ def test_serve_help_documents_every_flag_and_default(capsys: pytest.CaptureFixtu
     text = " ".join(capsys.readouterr().out.split())
     for flag, _, default, _ in SERVE_OPTIONS:
         assert f"--{flag}" in text and f"TERNLM_{flag.upper().replace('-', '_')}" in text
-        assert f"default {default})" in text
+        assert f"default {'off' if default is False else default})" in text
 
 
 def test_json_object_and_schema_outputs_parse(client: openai.OpenAI) -> None:

@@ -4,11 +4,13 @@ TERNLM_<FLAG>; `serve` also reads a TOML file (--config), with flags > environme
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -141,19 +143,93 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _path(value: str | None) -> Path | None:
+    return Path(value).expanduser() if value else None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from ternlm.access import LOOPBACK_HOSTS, AccessConfig
     from ternlm.server import ServerConfig, create_app
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    security = AccessConfig(
+        keys_db=_path(args.keys_db) or AccessConfig().keys_db, require_auth=args.require_auth,
+        redis_url=args.redis_url, default_rpm=args.default_rpm, default_tpm=args.default_tpm,
+        audit_db=_path(args.audit_db), audit_content=args.audit_content,
+        audit_secret_file=_path(args.audit_secret_file), audit_key_file=_path(args.audit_key_file),
+        pii_filter=args.pii_filter, pii_detectors=_path(args.pii_detectors), response_cache=args.response_cache,
+        cors_origins=tuple(o.strip() for o in args.cors_origins.split(",") if o.strip()))
     config = ServerConfig(model_name=args.model_name, slots=args.slots, queue_size=args.queue_size,
                           prefill_chunk=args.prefill_chunk, max_body_bytes=args.max_body_bytes,
-                          keep_alive=args.keep_alive)
+                          keep_alive=args.keep_alive, access=security)
     app = create_app(lambda: load(args.model, threads=args.threads, n_ctx=args.ctx, head=args.head,
                                   weights=args.weights), config)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    guard = app.state.guard
+    if args.host not in LOOPBACK_HOSTS and not guard.auth_on() and not args.insecure:
+        raise TernlmError(f"refusing to serve {args.host} without authentication: create a key "
+                          "(`ternlm keys create --name NAME --role user`) or pass --require-auth; "
+                          "--insecure serves the network with no key")
+    if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
+        raise TernlmError("TLS needs both --ssl-certfile and --ssl-keyfile")
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5,
+                limit_concurrency=args.max_connections, ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
+                proxy_headers=False)
     return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from ternlm.access import home
+    from ternlm.keys import KeyStore
+
+    store = KeyStore(_path(args.keys_db) or home() / "keys.db")
+    try:
+        if args.action == "create":
+            key, record = store.create(args.name, args.role, rpm=args.rpm, tpm=args.tpm, max_tokens=args.max_tokens,
+                                       max_prompt_tokens=args.max_prompt_tokens)
+            print(key)
+            print(f"created key '{record.name}' (role {record.role}, id {record.id}); it is shown only this once",
+                  file=sys.stderr)
+        elif args.action == "list":
+            records = store.list(include_revoked=args.all)
+            if args.json:
+                print(json.dumps([r.public() for r in records], indent=2))
+            for r in [] if args.json else records:
+                limits = " ".join(f"{k}={getattr(r, k)}" for k in ("rpm", "tpm", "max_tokens", "max_prompt_tokens")
+                                  if getattr(r, k) is not None)
+                print(f"{r.name:20} {r.role:8} {r.id}  {time.strftime('%Y-%m-%d', time.gmtime(r.created))}"
+                      f"{'  revoked' if r.revoked else ''}  {limits}".rstrip())
+        else:
+            record = store.revoke(args.name)
+            print(f"revoked key '{record.name}' ({record.id})", file=sys.stderr)
+    finally:
+        store.close()
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from ternlm.audit import AuditLog, load_content_key, load_secret
+
+    db = Path(args.audit_db).expanduser()
+    if not db.exists():
+        raise TernlmError(f"no audit log at {db}")
+    secret = load_secret(_path(args.audit_secret_file) or Path(str(db) + ".secret"))
+    log = AuditLog(db, secret, load_content_key(_path(args.audit_key_file)))
+    try:
+        if args.action == "verify":
+            result = log.verify()
+            print(result.reason)
+            return 0 if result.ok else 2
+        if args.output:
+            with open(args.output, "w", encoding="utf-8") as out:
+                count = log.export(out, decrypt=not args.raw)
+        else:
+            count = log.export(sys.stdout, decrypt=not args.raw)
+        print(f"exported {count} records", file=sys.stderr)
+        return 0
+    finally:
+        log.close()
 
 
 # `ternlm serve` settings: (flag, type, default, help). Each is also TERNLM_<FLAG> and a key of the TOML file.
@@ -167,6 +243,23 @@ SERVE_OPTIONS: list[tuple[str, Callable, object, str]] = [
     ("max-body-bytes", int, 4 << 20, "largest request body accepted; larger ones get 413"),
     ("keep-alive", float, 5.0, "seconds between SSE keep-alive comments while a stream waits"),
     ("log-level", str, "info", "debug, info, warning or error"),
+    ("max-connections", int, 256, "concurrent connections; beyond that new ones get 503"),
+    ("ssl-certfile", str, None, "TLS certificate (PEM); with --ssl-keyfile the server speaks HTTPS"),
+    ("ssl-keyfile", str, None, "TLS private key (PEM)"),
+    ("cors-origins", str, "", "comma-separated origins allowed to call the API from a browser; empty: none"),
+    ("keys-db", str, None, "API-key database; None means $TERNLM_HOME/keys.db (TERNLM_HOME defaults to ~/.ternlm)"),
+    ("require-auth", bool, False, "require an API key even while no key exists (auth is on once one does)"),
+    ("insecure", bool, False, "allow binding a non-loopback address with auth off"),
+    ("default-rpm", int, None, "requests per minute for keys without their own limit, and per address without auth"),
+    ("default-tpm", int, None, "tokens (prompt + max_tokens) per minute, likewise"),
+    ("redis-url", str, None, "Redis shared by several server processes for rate limits and the response cache"),
+    ("response-cache", int, 1024, "answers kept for identical deterministic requests (temperature 0 or seed); 0: off"),
+    ("audit-db", str, None, "tamper-evident audit log (SQLite); None: no audit log"),
+    ("audit-content", bool, False, "also record prompt and completion text in the audit log"),
+    ("audit-secret-file", str, None, "HMAC secret of the audit chain (or TERNLM_AUDIT_SECRET); None: AUDIT_DB.secret"),
+    ("audit-key-file", str, None, "AES-256-GCM key encrypting recorded content (or TERNLM_AUDIT_KEY); None: plain"),
+    ("pii-filter", str, "off", "mask personal data: off, output (answers) or both (answers and prompts)"),
+    ("pii-detectors", str, None, "TOML file of PII detectors replacing the shipped ones"),
 ]
 
 
@@ -174,8 +267,13 @@ def _add_serve_args(p: argparse.ArgumentParser, file_values: dict[str, object]) 
     p.add_argument("--config", default=_env("config", None),
                    help="TOML file of serve settings, keys named like the flags (env TERNLM_CONFIG; default none)")
     for flag, kind, default, text in SERVE_OPTIONS:
-        p.add_argument(f"--{flag}", type=kind, default=_env(flag, file_values.get(flag, default), kind),
-                       help=f"{text} (env TERNLM_{flag.upper().replace('-', '_')}; default %(default)s)")
+        env = f"env TERNLM_{flag.upper().replace('-', '_')}"
+        if kind is bool:
+            p.add_argument(f"--{flag}", action="store_true", default=_env(flag, file_values.get(flag, default), _flag),
+                           help=f"{text} ({env}; default off)")
+        else:
+            p.add_argument(f"--{flag}", type=kind, default=_env(flag, file_values.get(flag, default), kind),
+                           help=f"{text} ({env}; default %(default)s)")
 
 
 def _read_config(argv: list[str] | None) -> dict[str, object]:
@@ -236,6 +334,41 @@ def build_parser(file_values: dict[str, object] | None = None) -> argparse.Argum
     _add_model_args(serve, file_values)
     _add_serve_args(serve, file_values)
     serve.set_defaults(func=cmd_serve)
+
+    keys = sub.add_parser("keys", help="create, list and revoke API keys of the server")
+    keys_sub = keys.add_subparsers(dest="action", required=True)
+    create = keys_sub.add_parser("create", help="make a key and print it (only this once)")
+    create.add_argument("--name", required=True, help="a name for the key, unique among active keys")
+    create.add_argument("--role", choices=("admin", "user", "metrics"), default="user",
+                        help="user: the model API; metrics: only /metrics; admin: everything (default user)")
+    for flag, text in (("rpm", "requests per minute"), ("tpm", "tokens per minute"),
+                       ("max-tokens", "largest max_tokens a request may ask"),
+                       ("max-prompt-tokens", "longest prompt in tokens")):
+        create.add_argument(f"--{flag}", type=int, default=None, help=f"{text} (default: the server's default)")
+    listing = keys_sub.add_parser("list", help="list keys (never their secrets)")
+    listing.add_argument("--all", action="store_true", help="include revoked keys")
+    listing.add_argument("--json", action="store_true", help="print JSON")
+    revoke = keys_sub.add_parser("revoke", help="revoke a key by name or id")
+    revoke.add_argument("name")
+    for p in (create, listing, revoke):
+        p.add_argument("--keys-db", default=_env("keys_db", None),
+                       help="key database (env TERNLM_KEYS_DB; default $TERNLM_HOME/keys.db, ~/.ternlm/keys.db)")
+    keys.set_defaults(func=cmd_keys)
+
+    audit = sub.add_parser("audit", help="verify or export the server's audit log")
+    audit_sub = audit.add_subparsers(dest="action", required=True)
+    verify = audit_sub.add_parser("verify", help="prove the hash chain intact or name the first bad record")
+    export = audit_sub.add_parser("export", help="write the records as JSON lines")
+    export.add_argument("-o", "--output", default=None, help="file to write (default stdout)")
+    export.add_argument("--raw", action="store_true", help="leave encrypted content encrypted")
+    for p in (verify, export):
+        p.add_argument("--audit-db", required=_env("audit_db", None) is None, default=_env("audit_db", None),
+                       help="the audit database (env TERNLM_AUDIT_DB)")
+        p.add_argument("--audit-secret-file", default=_env("audit_secret_file", None),
+                       help="HMAC secret (or TERNLM_AUDIT_SECRET; default AUDIT_DB.secret)")
+        p.add_argument("--audit-key-file", default=_env("audit_key_file", None),
+                       help="content key (or TERNLM_AUDIT_KEY), to decrypt recorded content")
+    audit.set_defaults(func=cmd_audit)
     return parser
 
 

@@ -38,5 +38,13 @@ class Metrics:
         self.kv_used = Gauge("ternlm_kv_cache_usage_ratio",
                              "Fraction of KV-cache positions held by running requests", registry=r)
 
+        self.auth_failures = Counter("ternlm_auth_failures", "Requests refused for a missing, unknown or "
+                                     "insufficient API key", ["reason"], registry=r)
+        self.rate_limited = Counter("ternlm_rate_limited", "Requests refused by a rate limit", registry=r)
+        self.response_cache = Counter("ternlm_response_cache", "Response-cache lookups of deterministic requests",
+                                      ["result"], registry=r)
+        self.pii_masked = Counter("ternlm_pii_masked", "Personal data masked by the PII filter",
+                                  ["kind", "direction"], registry=r)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -129,6 +129,15 @@ def completion_logprobs(events: list[GenerationEvent], token_text, offset: int) 
             "text_offset": offsets}
 
 
+class APIError(Exception):
+    """An error answered in OpenAI's shape, with its HTTP status (and headers such as Retry-After)."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.code, self.headers = status, message, type_, code, headers
+
+
 def error_body(message: str, type_: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 

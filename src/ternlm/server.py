@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -23,18 +24,22 @@ from pathlib import Path
 from typing import IO, Any
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ternlm import grammar, protocol
+from ternlm import access, grammar, protocol
+from ternlm.access import AccessConfig, Guard, Reservation
 from ternlm.api import Model
+from ternlm.cache import cache_key
 from ternlm.engine import Engine, Stream
 from ternlm.errors import ContextOverflowError, EngineError, OverloadedError, TernlmError
 from ternlm.generate import GenerationEvent
 from ternlm.metrics import Metrics
-from ternlm.protocol import ChatRequest, CompletionRequest, error_body
+from ternlm.pii import StreamMasker
+from ternlm.protocol import APIError, ChatRequest, CompletionRequest, error_body
 from ternlm.sampling import SamplingParams
 
 log = logging.getLogger("ternlm.server")
@@ -51,15 +56,7 @@ class ServerConfig:
     prefill_chunk: int = 256  # prompt tokens per prefill step, between decode steps of running requests
     max_body_bytes: int = 4 << 20  # larger request bodies get 413
     keep_alive: float = 5.0  # seconds between SSE comments while a stream waits (e.g. a long prefill)
-
-
-class APIError(Exception):
-    """An error answered in OpenAI's shape."""
-
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.code, self.headers = status, message, type_, code, headers
+    access: AccessConfig = field(default_factory=AccessConfig)  # keys, limits, audit, PII, cache, CORS
 
 
 @dataclass
@@ -75,6 +72,7 @@ def create_app(model: Model | Callable[[], Model], config: ServerConfig | None =
     """The app serving `model` (or what the callable loads, in a background thread once the server is up)."""
     cfg = config or ServerConfig()
     state = _State()
+    guard = Guard(cfg.access, state.metrics)
 
     def start(m: Model) -> None:
         state.name = cfg.model_name or m.path.name
@@ -107,10 +105,17 @@ def create_app(model: Model | Callable[[], Model], config: ServerConfig | None =
         task.cancel()
         if state.engine is not None:
             await asyncio.to_thread(state.engine.stop)
+        guard.close()
 
     app = FastAPI(title="ternlm", lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.state.ternlm = state
+    app.state.ternlm, app.state.guard = state, guard
+    page = STATIC / "index.html"
+    app.add_middleware(access.AccessMiddleware, guard=guard,
+                       page_csp=access.page_csp(page.read_text(encoding="utf-8")) if page.exists() else None)
     app.add_middleware(_MetricsMiddleware, metrics=state.metrics)
+    if cfg.access.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(cfg.access.cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "X-Api-Key", "Content-Type"])
     _install_error_handlers(app)
 
     def ready() -> tuple[Model, Engine]:
@@ -144,12 +149,60 @@ def create_app(model: Model | Callable[[], Model], config: ServerConfig | None =
             raise APIError(400, "request body must be a JSON object")
         return body
 
+    async def admit(request: Request, model: Model, ids: list[int], req: ChatRequest | CompletionRequest,
+                    prompt_text: str | None) -> Reservation:
+        """Fill the request's audit record and take its tokens from the caller's rate-limit budget."""
+        rec = access.request_record(request)
+        rec.model, rec.prompt_tokens, rec.prompt = state.name, len(ids), prompt_text
+        if guard.pii is not None and (getattr(req, "logprobs", None) not in (None, False)):
+            raise APIError(400, "logprobs are not available while the PII filter is on: token texts would bypass "
+                                "the masking")
+        return await guard.admit(access.principal(request), len(ids), req.token_limit,
+                                 max(model.n_ctx - len(ids), 1), access.response_headers(request))
+
     def submit(model: Model, engine: Engine, ids: list[int], req: ChatRequest | CompletionRequest,
                logprobs: int | None, constraint: object | None) -> Stream:
         limit = req.token_limit or max(model.n_ctx - len(ids), 1)
         return engine.submit(ids, limit, SamplingParams(**req.sampling()), stop=req.stop,
                              ignore_eos=req.ignore_eos, logprobs=logprobs, constraint=constraint,
                              loop=asyncio.get_running_loop())
+
+    async def answer(request: Request, body: dict[str, Any], reservation: Reservation,
+                     make: Callable[[], Any]) -> Response:
+        """A non-streaming answer: from the response cache when an identical deterministic request was
+        answered before, else from `make()` (which runs the model); the unused reserved tokens go back."""
+        rec, used = access.request_record(request), reservation.tokens
+        try:
+            key = cache_key(request.url.path, state.name, body)
+            cached = await guard.cached(key)
+            if cached is not None:
+                usage = json.loads(cached).get("usage", {})
+                used = usage.get("total_tokens", used)
+                rec.completion_tokens, rec.extra["cached_response"] = usage.get("completion_tokens", 0), True
+                return Response(cached, media_type="application/json", headers={"X-Ternlm-Cache": "hit"})
+            result = await make()
+            used = result["usage"]["total_tokens"]
+            rec.completion_tokens = result["usage"]["completion_tokens"]
+            raw = json.dumps(result, ensure_ascii=False).encode()
+            await guard.remember(key, raw)
+            return Response(raw, media_type="application/json")
+        finally:
+            await guard.release(reservation, used)
+
+    def streamed(request: Request, chunks: AsyncIterator[dict[str, Any]], stream: Stream,
+                 reservation: Reservation) -> StreamingResponse:
+        rec = access.request_record(request)
+
+        async def settled() -> AsyncIterator[dict[str, Any]]:
+            try:
+                async for chunk in chunks:
+                    yield chunk
+            finally:
+                await guard.release(reservation, rec.prompt_tokens + rec.completion_tokens)
+
+        return _sse(settled(), stream, cfg.keep_alive)
+
+    access.add_admin_routes(app, guard, read_json)
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -169,7 +222,6 @@ def create_app(model: Model | Callable[[], Model], config: ServerConfig | None =
 
     @app.get("/")
     async def index() -> Response:
-        page = STATIC / "index.html"
         if not page.exists():
             return JSONResponse({"message": "ternlm server; the API is under /v1"})
         return FileResponse(page, media_type="text/html")
@@ -185,7 +237,9 @@ def create_app(model: Model | Callable[[], Model], config: ServerConfig | None =
         check_model(name)
         return JSONResponse(_model_card(state.name, model))
 
-    @app.post("/tokenize")
+    @app.post("/tokenize", openapi_extra=_body({"type": "object", "properties": {
+        "content": {"type": "string"}, "prompt": {"type": "string"}, "add_special": {"type": "boolean"},
+        "messages": ChatRequest.model_json_schema()["properties"]["messages"]}}))
     async def tokenize(request: Request) -> JSONResponse:
         model, _ = ready()
         body = await read_json(request)
@@ -199,7 +253,8 @@ def create_app(model: Model | Callable[[], Model], config: ServerConfig | None =
             ids = tok.encode(text, add_bos=bool(body.get("add_special", True)))
         return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": model.n_ctx})
 
-    @app.post("/detokenize")
+    @app.post("/detokenize", openapi_extra=_body({"type": "object", "required": ["tokens"], "properties": {
+        "tokens": {"type": "array", "items": {"type": "integer"}}}}))
     async def detokenize(request: Request) -> JSONResponse:
         model, _ = ready()
         ids = (await read_json(request)).get("tokens")
@@ -208,72 +263,97 @@ def create_app(model: Model | Callable[[], Model], config: ServerConfig | None =
         model.check_ids(ids or [0])
         return JSONResponse({"content": _tokenizer(model).decode(ids)})
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=_body(ChatRequest.model_json_schema()))
     async def chat_completions(request: Request) -> Response:
         model, engine = ready()
-        req = _parse(ChatRequest, await read_json(request))
+        body = await read_json(request)
+        req = _parse(ChatRequest, body)
         check_model(req.model)
         tools = _active_tools(req)
-        messages = ([{"role": "system", "content": _tools_prompt(tools)}, *req.messages] if tools
-                    else req.messages)
+        messages = [_masked_message(m, guard.mask_input) for m in req.messages]
+        if tools:
+            messages.insert(0, {"role": "system", "content": _tools_prompt(tools)})
         ids = model.chat_tokens(messages)
+        reservation = await admit(request, model, ids, req, json.dumps(messages, ensure_ascii=False))
         constraint = _chat_constraint(model, req, tools)
-        stream = submit(model, engine, ids, req, req.logprobs_k, constraint)
         rid, created = protocol.new_id("chatcmpl"), protocol.now()
         head = {"id": rid, "object": "chat.completion", "created": created, "model": state.name}
         tok = _tokenizer(model)
-
+        rec = access.request_record(request)
         if req.stream:
-            return _sse(_chat_chunks(stream, head, req, tools, len(ids), tok), stream, cfg.keep_alive)
-        events = await _collect(stream, request)
-        text = "".join(e.text for e in events)
-        finish = events[-1].finish_reason if events else "stop"
-        message: dict[str, Any] = {"role": "assistant", "content": text}
-        calls = _tool_calls(text, tools)
-        if calls:
-            message, finish = {"role": "assistant", "content": None, "tool_calls": calls}, "tool_calls"
-        choice = {"index": 0, "message": message, "finish_reason": finish,
-                  "logprobs": protocol.chat_logprobs(events, tok.token_text) if req.logprobs else None}
-        return JSONResponse({**head, "choices": [choice],
-                             "usage": protocol.usage(events[-1] if events else None, len(ids))})
+            stream = submit(model, engine, ids, req, req.logprobs_k, constraint)
+            return streamed(request, _chat_chunks(stream, head, req, tools, len(ids), tok, guard.output_masker(),
+                                                  rec, guard.count_pii), stream, reservation)
 
-    @app.post("/v1/completions")
+        async def make() -> dict[str, Any]:
+            events = await _collect(submit(model, engine, ids, req, req.logprobs_k, constraint), request)
+            text = rec.completion = guard.mask_output("".join(e.text for e in events))
+            finish = events[-1].finish_reason if events else "stop"
+            message: dict[str, Any] = {"role": "assistant", "content": text}
+            calls = _tool_calls(text, tools)
+            if calls:
+                message, finish = {"role": "assistant", "content": None, "tool_calls": calls}, "tool_calls"
+            choice = {"index": 0, "message": message, "finish_reason": finish,
+                      "logprobs": protocol.chat_logprobs(events, tok.token_text) if req.logprobs else None}
+            return {**head, "choices": [choice], "usage": protocol.usage(events[-1] if events else None, len(ids))}
+
+        return await answer(request, body, reservation, make)
+
+    @app.post("/v1/completions", openapi_extra=_body(CompletionRequest.model_json_schema()))
     async def completions(request: Request) -> Response:
         model, engine = ready()
-        req = _parse(CompletionRequest, await read_json(request))
+        body = await read_json(request)
+        req = _parse(CompletionRequest, body)
         check_model(req.model)
-        ids = (_tokenizer(model).encode(req.prompt) if isinstance(req.prompt, str)
+        prompt = guard.mask_input(req.prompt) if isinstance(req.prompt, str) else None
+        ids = (_tokenizer(model).encode(prompt) if prompt is not None
                else [int(i) for i in model.check_ids(req.prompt)])
-        stream = submit(model, engine, ids, req, req.logprobs, None)
+        reservation = await admit(request, model, ids, req, prompt)
         rid, created = protocol.new_id("cmpl"), protocol.now()
         head = {"id": rid, "object": "text_completion", "created": created, "model": state.name}
         tok = _TokenText(model.tokenizer)  # a model without a tokenizer still completes token ids
         echo = _tokenizer(model).decode(ids) if req.echo else ""
-
+        rec = access.request_record(request)
         if req.stream:
-            return _sse(_completion_chunks(stream, head, req, len(ids), tok, echo), stream, cfg.keep_alive)
-        events = await _collect(stream, request)
-        choice = {"index": 0, "text": echo + "".join(e.text for e in events),
-                  "finish_reason": events[-1].finish_reason if events else "stop",
-                  "logprobs": (protocol.completion_logprobs(events, tok.token_text, len(echo))
-                               if req.logprobs is not None else None)}
-        return JSONResponse({**head, "choices": [choice],
-                             "usage": protocol.usage(events[-1] if events else None, len(ids))})
+            stream = submit(model, engine, ids, req, req.logprobs, None)
+            return streamed(request, _completion_chunks(stream, head, req, len(ids), tok, echo,
+                                                        guard.output_masker(), rec, guard.count_pii),
+                            stream, reservation)
+
+        async def make() -> dict[str, Any]:
+            events = await _collect(submit(model, engine, ids, req, req.logprobs, None), request)
+            rec.completion = guard.mask_output("".join(e.text for e in events))
+            choice = {"index": 0, "text": echo + rec.completion,
+                      "finish_reason": events[-1].finish_reason if events else "stop",
+                      "logprobs": (protocol.completion_logprobs(events, tok.token_text, len(echo))
+                                   if req.logprobs is not None else None)}
+            return {**head, "choices": [choice], "usage": protocol.usage(events[-1] if events else None, len(ids))}
+
+        return await answer(request, body, reservation, make)
 
     return app
 
 
+class ServerURL(str):
+    """The base URL of a server started by serve_subprocess; `.process` is its child process."""
+
+    process: subprocess.Popen
+
+
 @contextmanager
-def serve_subprocess(args: Sequence[str] = (), timeout: float = 60.0, log: IO | None = None) -> Iterator[str]:
-    """Run `ternlm serve ARGS` in a child process on a free loopback port; yield its base URL once /ready
-    answers 200, and stop it afterwards. Its output goes to `log` (default: this process's stdout/stderr).
-    For tests, benchmarks and notebooks that want a real server."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+def serve_subprocess(args: Sequence[str] = (), timeout: float = 60.0, log: IO | None = None,
+                     port: int | None = None) -> Iterator[ServerURL]:
+    """Run `ternlm serve ARGS` in a child process on a loopback port (a free one unless given); yield its
+    base URL once /ready answers 200, and stop it afterwards. Its output goes to `log` (default: this
+    process's stdout/stderr). For tests, benchmarks and notebooks that want a real server."""
+    if port is None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "ternlm", "serve", "--host", "127.0.0.1", "--port", str(port), *args]
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT if log is not None else None)
-    url = f"http://127.0.0.1:{port}"
+    url = ServerURL(f"{'https' if '--ssl-certfile' in args else 'http'}://127.0.0.1:{port}")
+    url.process = proc
     try:
         deadline = time.monotonic() + timeout
         while _get(url + "/ready")[0] != 200:
@@ -297,8 +377,8 @@ def serve_subprocess(args: Sequence[str] = (), timeout: float = 60.0, log: IO | 
 
 def _get(url: str) -> tuple[int | None, str]:
     """Status and body of GET url; (None, "") while nothing answers."""
-    try:
-        with urllib.request.urlopen(url, timeout=1.0) as r:
+    try:  # a loopback poll of our own child: its (often self-signed) certificate is not the point here
+        with urllib.request.urlopen(url, timeout=1.0, context=ssl._create_unverified_context()) as r:
             return r.status, r.read().decode(errors="replace")
     except urllib.error.HTTPError as e:
         return e.code, e.read().decode(errors="replace")
@@ -307,6 +387,11 @@ def _get(url: str) -> tuple[int | None, str]:
 
 
 # -- request handling -------------------------------------------------------------------------------------------
+
+def _body(schema: dict[str, Any]) -> dict[str, Any]:
+    """The OpenAPI request body of a route that reads its JSON itself (to bound its size and word its errors)."""
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
 
 def _parse(cls: type, body: dict[str, Any]) -> Any:
     try:
@@ -336,6 +421,17 @@ class _TokenText:
 def _model_card(name: str, model: Model) -> dict[str, Any]:
     return {"id": name, "object": "model", "created": int(model.path.stat().st_mtime), "owned_by": "ternlm",
             "max_model_len": model.n_ctx}
+
+
+def _masked_message(message: dict[str, Any], mask: Callable[[str], str]) -> dict[str, Any]:
+    """The message with the PII filter applied to its text (string content or text parts)."""
+    content = message.get("content")
+    if isinstance(content, str):
+        return {**message, "content": mask(content)}
+    if isinstance(content, list):
+        return {**message, "content": [{**p, "text": mask(p["text"])} if isinstance(p, dict)
+                                       and isinstance(p.get("text"), str) else p for p in content]}
+    return message
 
 
 def _active_tools(req: ChatRequest) -> list[dict[str, Any]]:
@@ -421,9 +517,34 @@ def _sse(chunks: AsyncIterator[dict[str, Any]], stream: Stream, keep_alive: floa
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
+class _Output:
+    """The text a stream sends, through the PII masker when one is on, kept for the audit record."""
+
+    def __init__(self, masker: StreamMasker | None, rec: access.RequestRecord,
+                 count_pii: Callable[[dict[str, int], str], None]) -> None:
+        self.masker, self.rec, self.count_pii, self.parts = masker, rec, count_pii, []
+
+    def feed(self, text: str) -> str:
+        out = self.masker.feed(text) if self.masker is not None else text
+        self.parts.append(out)
+        return out
+
+    def finish(self, last: GenerationEvent | None) -> str:
+        """The text still held back by the masker; records the completion."""
+        tail = self.masker.flush() if self.masker is not None else ""
+        self.parts.append(tail)
+        if self.masker is not None:
+            self.count_pii(self.masker.counts, "output")
+        self.rec.completion = "".join(self.parts)
+        self.rec.completion_tokens = last.completion_tokens if last else 0
+        return tail
+
+
 async def _chat_chunks(stream: Stream, head: dict[str, Any], req: ChatRequest, tools: list[dict[str, Any]],
-                       n_prompt: int, tok: Any) -> AsyncIterator[dict[str, Any]]:
+                       n_prompt: int, tok: Any, masker: StreamMasker | None, rec: access.RequestRecord,
+                       count_pii: Callable) -> AsyncIterator[dict[str, Any]]:
     head = {**head, "object": "chat.completion.chunk"}
+    out = _Output(masker, rec, count_pii)
 
     def chunk(delta: dict[str, Any], finish: str | None = None, logprobs: Any = None) -> dict[str, Any]:
         return {**head, "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs}]}
@@ -433,13 +554,17 @@ async def _chat_chunks(stream: Stream, head: dict[str, Any], req: ChatRequest, t
     async for event in stream:
         last = event
         logprobs = protocol.chat_logprobs([event], tok.token_text) if req.logprobs else None
+        text = out.feed(event.text)
         if tools:
-            held.append(event.text)
+            held.append(text)
         else:
-            yield chunk({"content": event.text}, logprobs=logprobs)
+            yield chunk({"content": text}, logprobs=logprobs)
+    tail = out.finish(last)
+    if tail and not tools:
+        yield chunk({"content": tail})
     finish = last.finish_reason if last else "stop"
     if tools:
-        text = "".join(held)
+        text = "".join(held) + tail
         calls = _tool_calls(text, tools)
         if calls:
             yield chunk({"tool_calls": [{"index": i, **c} for i, c in enumerate(calls)]})
@@ -452,10 +577,12 @@ async def _chat_chunks(stream: Stream, head: dict[str, Any], req: ChatRequest, t
 
 
 async def _completion_chunks(stream: Stream, head: dict[str, Any], req: CompletionRequest, n_prompt: int,
-                             tok: Any, echo: str) -> AsyncIterator[dict[str, Any]]:
+                             tok: Any, echo: str, masker: StreamMasker | None, rec: access.RequestRecord,
+                             count_pii: Callable) -> AsyncIterator[dict[str, Any]]:
     def chunk(text: str, finish: str | None = None, logprobs: Any = None) -> dict[str, Any]:
         return {**head, "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": logprobs}]}
 
+    out = _Output(masker, rec, count_pii)
     if echo:
         yield chunk(echo)
     last, offset = None, len(echo)
@@ -464,9 +591,10 @@ async def _completion_chunks(stream: Stream, head: dict[str, Any], req: Completi
         logprobs = None
         if req.logprobs is not None:
             logprobs = protocol.completion_logprobs([event], tok.token_text, offset)
-        offset += len(event.text)
-        yield chunk(event.text, logprobs=logprobs)  # one chunk per token, even one whose text is held back
-    yield chunk("", last.finish_reason if last else "stop")
+        text = out.feed(event.text)
+        offset += len(text)
+        yield chunk(text, logprobs=logprobs)  # one chunk per token, even one whose text is held back
+    yield chunk(out.finish(last), last.finish_reason if last else "stop")
     if req.include_usage:
         yield {**head, "choices": [], "usage": protocol.usage(last, n_prompt)}
 

@@ -36,11 +36,6 @@ K8S = DEPLOY / "k8s" / "ternlm.yaml"
 README = DEPLOY / "README.md"
 BACKEND_PORTS = (8081, 8082)
 
-# The serve flags of the security work; kept here until every one of them is in the parser.
-NEW_FLAGS = {"--keys-db", "--require-auth", "--insecure", "--redis-url", "--audit-db", "--audit-content",
-             "--audit-secret-file", "--audit-key-file", "--pii-filter", "--pii-detectors", "--cors-origins",
-             "--max-connections", "--ssl-certfile", "--ssl-keyfile", "--response-cache", "--default-rpm",
-             "--default-tpm"}
 # TERNLM_* variables that are not serve flags: the state directory, secrets read from the environment, the model.
 OTHER_ENV = {"TERNLM_HOME", "TERNLM_AUDIT_SECRET", "TERNLM_AUDIT_KEY", "TERNLM_MODEL"}
 SUBCOMMAND = re.compile(r"\bternlm\s+(serve|keys|audit|run|chat|info)\b(.*)")
@@ -63,18 +58,13 @@ def _options(words: list[str]) -> set[str]:
     return {o for a in parser._actions for o in a.option_strings}
 
 
-def _known(words: list[str]) -> set[str]:
-    known = _options(words)
-    return known | NEW_FLAGS if words and words[0] == "serve" else known
-
-
 def _flags(args: list[str]) -> list[str]:
     return [a.split("=", 1)[0] for a in args if a.startswith("--")]
 
 
 def _check_command(argv: list[str], where: str) -> None:
     """`argv` is a ternlm command line without the program name; every --flag must belong to its subcommand."""
-    unknown = [f for f in _flags(argv) if f not in _known(argv)]
+    unknown = [f for f in _flags(argv) if f not in _options(argv)]
     assert not unknown, f"{where}: `ternlm {' '.join(argv)}` uses flags ternlm does not have: {unknown}"
 
 
@@ -93,13 +83,13 @@ def _serve_key(key: str) -> str:
 
 
 def _check_toml(table: dict[str, object], where: str) -> None:
-    known = _known(["serve"])
+    known = _options(["serve"])
     unknown = [k for k in table if k != "model" and _serve_key(k) not in known]
     assert not unknown, f"{where}: settings that `ternlm serve` does not have: {unknown}"
 
 
 def _check_env(names: set[str], where: str) -> None:
-    known = _known(["serve"])
+    known = _options(["serve"])
     unknown = [n for n in names if n not in OTHER_ENV and _serve_key(n.removeprefix("TERNLM_").lower()) not in known]
     assert not unknown, f"{where}: environment variables that ternlm does not read: {unknown}"
 

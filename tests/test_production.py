@@ -9,8 +9,10 @@ import ipaddress
 import json
 import os
 import signal
+import socket
 import ssl
 import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -127,3 +129,21 @@ def test_keys_and_audit_commands(tmp_path: Path, capsys: pytest.CaptureFixture) 
     assert KeyStore(db).verify(key) is None
     assert main(["keys", "revoke", "alice", "--keys-db", db]) == 1
     assert main(["audit", "verify", "--audit-db", str(tmp_path / "missing.db")]) == 1
+
+
+def test_connection_limit_answers_503() -> None:
+    with serve_subprocess([*BASE, "--max-connections", "3"]) as url:
+        port = int(url.rsplit(":", 1)[1])
+        held = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+        try:
+            deadline = time.monotonic() + 5
+            while httpx.get(url + "/v1/models", timeout=30).status_code != 503:
+                assert time.monotonic() < deadline, "the connection limit never applied"
+                time.sleep(0.05)
+        finally:
+            for s in held:
+                s.close()
+        deadline = time.monotonic() + 5
+        while httpx.get(url + "/v1/models", timeout=30).status_code != 200:
+            assert time.monotonic() < deadline, "the server did not recover after the connections closed"
+            time.sleep(0.05)

@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 
 import ternlm
 from ternlm.access import AccessConfig
-from ternlm.audit import AuditLog, load_secret
+from ternlm.audit import open_log
 from ternlm.keys import KeyStore
 from ternlm.server import ServerConfig, create_app
 
@@ -119,13 +119,13 @@ def test_admin_api_manages_keys(secured: TestClient, keys_db: tuple[Path, dict[s
 def test_every_request_is_audited_and_the_chain_verifies(secured: TestClient,
                                                          keys_db: tuple[Path, dict[str, str]]) -> None:
     log_path = secured.app.state.guard.cfg.audit_db
-    before = sum(1 for _ in AuditLog(log_path, load_secret(Path(str(log_path) + ".secret"))).records())
+    before = sum(1 for _ in open_log(log_path).records())
     user = {"Authorization": f"Bearer {keys_db[1]['user']}"}
     assert secured.post("/v1/chat/completions", json=CHAT, headers=user).status_code == 200
     with secured.stream("POST", "/v1/completions", json={**COMPLETION, "stream": True}, headers=user) as r:
         streamed = "".join(r.iter_text())
     assert secured.get("/metrics").status_code == 401
-    log = AuditLog(log_path, load_secret(Path(str(log_path) + ".secret")))
+    log = open_log(log_path)
     records = list(log.records())[before:]
     assert [(r["route"], r["status"], r["key_name"]) for r in records] == [
         ("/v1/chat/completions", 200, "user-key"), ("/v1/completions", 200, "user-key"), ("/metrics", 401, None)]

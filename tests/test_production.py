@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from redis_server import redis_url  # noqa: F401
-from ternlm.audit import AuditLog, load_secret
+from ternlm.audit import open_log
 from ternlm.cli import main
 from ternlm.keys import KeyStore
 from ternlm.server import serve_subprocess
@@ -75,7 +75,7 @@ def test_audit_log_survives_sigkill_with_every_completed_request(tmp_path: Path)
         stop.set()
         for w in workers:
             w.join()
-    log = AuditLog(audit, load_secret(Path(str(audit) + ".secret")))
+    log = open_log(audit)
     result = log.verify()
     assert result.ok, result.reason
     logged = {r["prompt"] for r in log.records() if r["status"] == 200}

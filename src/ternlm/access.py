@@ -24,7 +24,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from ternlm.audit import AuditEntry, AuditLog, load_content_key, load_secret
+from ternlm.audit import AuditEntry, AuditLog, open_log
 from ternlm.cache import make_cache
 from ternlm.errors import TernlmError
 from ternlm.keys import ROLES, KeyRecord, KeyStore
@@ -126,10 +126,7 @@ class Guard:
         self.pii = PIIFilter(load_detectors(cfg.pii_detectors)) if cfg.pii_filter != "off" else None
         self.audit: AuditLog | None = None
         if cfg.audit_db is not None:
-            secret = load_secret(cfg.audit_secret_file,
-                                 create_at=Path(str(cfg.audit_db) + ".secret") if cfg.audit_secret_file is None
-                                 else None)
-            self.audit = AuditLog(cfg.audit_db, secret, load_content_key(cfg.audit_key_file))
+            self.audit = open_log(cfg.audit_db, cfg.audit_secret_file, cfg.audit_key_file, create=True)
         if cfg.require_auth and not self.auth_on_keys():
             log.warning("--require-auth is on but %s holds no active key: every request will get 401; "
                         "create one with `ternlm keys create`", cfg.keys_db)

@@ -582,3 +582,14 @@ def load_content_key(path: str | Path | None, env: str = "TERNLM_AUDIT_KEY") -> 
             return candidate
     raise ParamError(f"the audit content key in {where} must be {CONTENT_KEY_BYTES} bytes given as 64 hex chars "
                      "or base64")
+
+
+def open_log(db: str | Path, secret_file: str | Path | None = None, key_file: str | Path | None = None,
+             create: bool = False) -> AuditLog:
+    """The audit log at `db` with its secret (TERNLM_AUDIT_SECRET, `secret_file`, or DB.secret beside it —
+    generated there when `create`, as a server does on first start) and its optional content key."""
+    default = Path(str(db) + ".secret")
+    if secret_file is None and not create and not default.exists():
+        secret_file = default  # never invent a secret just to verify: say that it is missing
+    secret = load_secret(secret_file, create_at=default if secret_file is None else None)
+    return AuditLog(db, secret, load_content_key(key_file))

@@ -209,13 +209,12 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    from ternlm.audit import AuditLog, load_content_key, load_secret
+    from ternlm.audit import open_log
 
     db = Path(args.audit_db).expanduser()
     if not db.exists():
         raise TernlmError(f"no audit log at {db}")
-    secret = load_secret(_path(args.audit_secret_file) or Path(str(db) + ".secret"))
-    log = AuditLog(db, secret, load_content_key(_path(args.audit_key_file)))
+    log = open_log(db, _path(args.audit_secret_file), _path(args.audit_key_file))
     try:
         if args.action == "verify":
             result = log.verify()
@@ -259,7 +258,7 @@ SERVE_OPTIONS: list[tuple[str, Callable, object, str]] = [
     ("audit-secret-file", str, None, "HMAC secret of the audit chain (or TERNLM_AUDIT_SECRET); None: AUDIT_DB.secret"),
     ("audit-key-file", str, None, "AES-256-GCM key encrypting recorded content (or TERNLM_AUDIT_KEY); None: plain"),
     ("pii-filter", str, "off", "mask personal data: off, output (answers) or both (answers and prompts)"),
-    ("pii-detectors", str, None, "TOML file of PII detectors replacing the shipped ones"),
+    ("pii-detectors", str, None, "TOML file of PII detectors added to (or replacing, by name) the shipped ones"),
 ]
 
 

@@ -34,13 +34,14 @@ class Model:
             raise ParamError(f"weights must be one of {WEIGHT_LAYOUTS}, got {weights!r}")
         start = time.perf_counter()
         self.path = path
-        self.config, self.weights = open_model(path)
+        loaded = open_model(path)
+        self.config, self.weights = loaded.config, loaded.weights
         if head != "float":
             self.weights.quantize_head(head)
         if weights != "i2":
             self.weights.convert_ternary(weights)
         self.transformer = Transformer(self.config, self.weights)
-        self.tokenizer = Tokenizer.from_dir(path) if (path / "tokenizer.json").exists() else None
+        self.tokenizer = loaded.tokenizer
         self.n_ctx = min(n_ctx or self.config.max_seq_len, self.config.max_seq_len)
         self._cache = KVCache(self.config, self.n_ctx)
         self._lock = threading.Lock()

@@ -147,3 +147,18 @@ def test_connection_limit_answers_503() -> None:
         while httpx.get(url + "/v1/models", timeout=30).status_code != 200:
             assert time.monotonic() < deadline, "the server did not recover after the connections closed"
             time.sleep(0.05)
+
+
+def test_streams_closed_at_done_are_all_audited(tmp_path: Path) -> None:
+    # Clients such as the openai SDK hang up as soon as `data: [DONE]` arrives; that cancels the response
+    # task, and the audit record must be written anyway.
+    audit = tmp_path / "audit.db"
+    with serve_subprocess([*BASE, "--audit-db", str(audit), "--response-cache", "0"]) as url:
+        for i in range(60):
+            body = {**COMPLETION, "prompt": f"stream {i}", "stream": True}
+            with httpx.stream("POST", url + "/v1/completions", json=body, timeout=30) as r:
+                for line in r.iter_lines():
+                    if line == "data: [DONE]":
+                        break
+    records = [r for r in open_log(audit).records() if r["route"] == "/v1/completions"]
+    assert len(records) == 60 and all(r["status"] == 200 for r in records)

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import anyio
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
@@ -316,7 +317,9 @@ class AccessMiddleware:
         async def record() -> None:
             if not recorded[0]:
                 recorded[0] = True
-                await self.guard.record(who, path, client, status[0], time.perf_counter() - start, rec)
+                # A client that hangs up cancels the response; the record must be written all the same.
+                with anyio.CancelScope(shield=True):
+                    await self.guard.record(who, path, client, status[0], time.perf_counter() - start, rec)
 
         async def guarded_send(message: dict) -> None:
             if message["type"] == "http.response.start":
@@ -346,7 +349,7 @@ class AccessMiddleware:
         finally:
             if not recorded[0]:
                 rec.extra.setdefault("incomplete", True)  # the client left, or the app failed mid-response
-                await asyncio.shield(record())
+                await record()
 
 
 def principal(request: Request) -> Principal:

@@ -17,8 +17,8 @@ if sys.version_info >= (3, 11):
 else:
     import tomli as tomllib
 
-from ternlm import __version__, load
-from ternlm.api import HEAD_TYPES, WEIGHT_LAYOUTS
+from ternlm import __version__, hub, load
+from ternlm.api import HEAD_TYPES, WEIGHT_LAYOUTS, Model
 from ternlm.errors import TernlmError
 from ternlm.generate import GenerationEvent
 
@@ -35,7 +35,8 @@ MODEL_OPTIONS: dict[str, Callable] = {"model": str, "threads": int, "ctx": int, 
 def _add_model_args(p: argparse.ArgumentParser, file_values: dict[str, object] | None = None) -> None:
     f = file_values or {}
     p.add_argument("model", nargs="?", default=_env("model", f.get("model")),
-                   help="model directory (env TERNLM_MODEL; default: the small model shipped with ternlm)")
+                   help="model directory or file, or a hub repo id (org/name[@revision]) already pulled "
+                        "(env TERNLM_MODEL; default: the small model shipped with ternlm)")
     p.add_argument("-t", "--threads", type=int, default=_env("threads", f.get("threads"), int),
                    help="kernel threads (env TERNLM_THREADS; default: physical cores)")
     p.add_argument("-c", "--ctx", type=int, default=_env("ctx", f.get("ctx"), int),
@@ -84,8 +85,13 @@ def _stream(events: Iterator[GenerationEvent]) -> tuple[GenerationEvent | None, 
     return last, first_at, count
 
 
+def _load(args: argparse.Namespace) -> Model:
+    """The model of a command's MODEL argument: a path, or a hub repo id already in the local cache."""
+    return load(hub.resolve(args.model), threads=args.threads, n_ctx=args.ctx, head=args.head, weights=args.weights)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    model = load(args.model, threads=args.threads, n_ctx=args.ctx, head=args.head, weights=args.weights)
+    model = _load(args)
     if args.chat:
         prompt: str | list[int] = model.chat_tokens([{"role": "user", "content": args.prompt}])
     else:
@@ -104,7 +110,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    model = load(args.model, threads=args.threads, n_ctx=args.ctx, head=args.head, weights=args.weights)
+    model = _load(args)
     messages: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
     print(f"ternlm chat with {model.path.name} — /reset clears the conversation, /exit or Ctrl-D quits.",
           file=sys.stderr)
@@ -137,7 +143,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    model = load(args.model, threads=args.threads, n_ctx=args.ctx, head=args.head, weights=args.weights)
+    model = _load(args)
     for key, value in model.info().items():
         print(f"{key:16} {value}")
     return 0
@@ -164,8 +170,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = ServerConfig(model_name=args.model_name, slots=args.slots, queue_size=args.queue_size,
                           prefill_chunk=args.prefill_chunk, max_body_bytes=args.max_body_bytes,
                           keep_alive=args.keep_alive, access=security)
-    app = create_app(lambda: load(args.model, threads=args.threads, n_ctx=args.ctx, head=args.head,
-                                  weights=args.weights), config)
+    app = create_app(lambda: _load(args), config)
     guard = app.state.guard
     if args.host not in LOOPBACK_HOSTS and not guard.auth_on() and not args.insecure:
         raise TernlmError(f"refusing to serve {args.host} without authentication: create a key "
@@ -176,6 +181,43 @@ def cmd_serve(args: argparse.Namespace) -> int:
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5,
                 limit_concurrency=args.max_connections, ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
                 proxy_headers=False)
+    return 0
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    try:
+        path = hub.pull(args.repo, args.revision, allow_patterns=args.include, progress=not args.quiet)
+    except KeyboardInterrupt:
+        print("interrupted: files already downloaded are kept; run pull again to continue", file=sys.stderr)
+        return 130
+    print(hub.model_path(path))
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    models = hub.list_models()
+    print(f"models in {hub.cache_dir()}:", file=sys.stderr)
+    for m in models:
+        print(f"{m.repo_id:48} {m.revision:12} {m.size_bytes / 1e9:7.2f} GB  {m.path}")
+    if not models:
+        print("(none; `ternlm pull ORG/NAME` downloads one)", file=sys.stderr)
+    return 0
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    freed = hub.remove(args.repo)
+    print(f"removed {args.repo}: {freed / 1e9:.2f} GB freed", file=sys.stderr)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    out = hub.export_model(args.model, args.out)
+    print(f"{out}\n{out}.sha256", file=sys.stdout)
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    print(hub.import_model(args.archive, args.dest))
     return 0
 
 
@@ -333,6 +375,28 @@ def build_parser(file_values: dict[str, object] | None = None) -> argparse.Argum
     _add_model_args(serve, file_values)
     _add_serve_args(serve, file_values)
     serve.set_defaults(func=cmd_serve)
+
+    pull_p = sub.add_parser("pull", help="download a model from the Hugging Face hub into its local cache")
+    pull_p.add_argument("repo", help="org/name[@revision], e.g. microsoft/bitnet-b1.58-2B-4T; known repos: "
+                                     + ", ".join(hub.KNOWN_REPOS))
+    pull_p.add_argument("--revision", default=None, help="branch, tag or commit (overrides @revision)")
+    pull_p.add_argument("--include", nargs="+", default=None, metavar="PATTERN",
+                        help="file patterns to download instead of the model files ternlm reads")
+    pull_p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    pull_p.set_defaults(func=cmd_pull)
+    list_p = sub.add_parser("list", help="list the models in the local Hugging Face cache")
+    list_p.set_defaults(func=cmd_list)
+    rm_p = sub.add_parser("rm", help="delete a model (org/name, or org/name@revision) from the local cache")
+    rm_p.add_argument("repo")
+    rm_p.set_defaults(func=cmd_rm)
+    export_p = sub.add_parser("export", help="write a model into one file (tar + sha256) for air-gapped transfer")
+    export_p.add_argument("model", help="model directory or file, or a cached repo id")
+    export_p.add_argument("out", help="the archive to write (a directory gets NAME.tar)")
+    export_p.set_defaults(func=cmd_export)
+    import_p = sub.add_parser("import", help="check an exported archive against its checksums and unpack it")
+    import_p.add_argument("archive")
+    import_p.add_argument("dest", nargs="?", default=None, help="where to unpack (default $TERNLM_HOME/models/NAME)")
+    import_p.set_defaults(func=cmd_import)
 
     keys = sub.add_parser("keys", help="create, list and revoke API keys of the server")
     keys_sub = keys.add_subparsers(dest="action", required=True)

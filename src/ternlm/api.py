@@ -11,7 +11,7 @@ import numpy as np
 
 from ternlm import chat, kernels
 from ternlm.errors import ContextOverflowError, FormatError, ParamError, ShapeError
-from ternlm.formats import open_model
+from ternlm.formats.native import load_cached
 from ternlm.generate import GenerationEvent, generate
 from ternlm.kvcache import KVCache
 from ternlm.model import Transformer
@@ -27,19 +27,16 @@ WEIGHT_LAYOUTS = ("i2", "tq1")
 class Model:
     """A loaded model. One sequence at a time: concurrent calls wait for each other."""
 
-    def __init__(self, path: Path, n_ctx: int | None = None, head: str = "q8_0", weights: str = "i2") -> None:
+    def __init__(self, path: Path, n_ctx: int | None = None, head: str = "q8_0", weights: str = "i2",
+                 cache: bool = True) -> None:
         if head not in HEAD_TYPES:
             raise ParamError(f"head must be one of {HEAD_TYPES}, got {head!r}")
         if weights not in WEIGHT_LAYOUTS:
             raise ParamError(f"weights must be one of {WEIGHT_LAYOUTS}, got {weights!r}")
         start = time.perf_counter()
         self.path = path
-        loaded = open_model(path)
+        loaded = load_cached(path, head, weights, cache=cache)
         self.config, self.weights = loaded.config, loaded.weights
-        if head != "float":
-            self.weights.quantize_head(head)
-        if weights != "i2":
-            self.weights.convert_ternary(weights)
         self.transformer = Transformer(self.config, self.weights)
         self.tokenizer = loaded.tokenizer
         self.n_ctx = min(n_ctx or self.config.max_seq_len, self.config.max_seq_len)
@@ -133,20 +130,26 @@ class Model:
 
 
 def load(path: str | Path | None = None, *, threads: int | None = None, n_ctx: int | None = None,
-         head: str = "q8_0", weights: str = "i2") -> Model:
-    """Load a model directory (default: the small model shipped with ternlm).
+         head: str = "q8_0", weights: str = "i2", cache: bool = True) -> Model:
+    """Load a model directory, GGUF or ternlm (.tlm) file (default: the small model shipped with ternlm).
 
     head: "q8_0" stores the output head (and a tied embedding) as Q8_0, halving the bytes decode reads
     per token relative to F16; "q4_0" as Q4_0 (about 0.28x of F16, less accurate); "float" keeps the
     checkpoint's own precision.
     weights: the packed layout of the ternary layers, "i2" (2 bits/weight) or "tq1" (5 trits per byte,
     1.6 bits/weight: 20 % fewer bytes read per token; converted at load, same values and logits).
+    A ternlm (.tlm) file keeps the head and layout it was written with: these options can still quantize a float
+    head or repack i2 as tq1, never the reverse.
+    cache: keep the converted model of a directory or GGUF file as $TERNLM_HOME/cache/*.tlm (keyed by the source
+    files' sizes and times and these options) and map that on later loads, which then take a fraction of a
+    second and copy no weights; False, or the environment variable TERNLM_NO_CACHE=1, reads the source each time.
     """
     if threads is not None:
         if threads < 1:
             raise ParamError(f"threads must be at least 1, got {threads}")
         kernels.set_threads(threads)
-    return Model(Path(path) if path is not None else default_model_path(), n_ctx=n_ctx, head=head, weights=weights)
+    return Model(Path(path) if path is not None else default_model_path(), n_ctx=n_ctx, head=head, weights=weights,
+                 cache=cache)
 
 
 def default_model_path() -> Path:

@@ -13,7 +13,6 @@ import asyncio
 import base64
 import hashlib
 import logging
-import os
 import re
 import time
 from collections.abc import Callable
@@ -30,6 +29,7 @@ from ternlm.cache import make_cache
 from ternlm.errors import TernlmError
 from ternlm.keys import ROLES, KeyRecord, KeyStore
 from ternlm.metrics import Metrics
+from ternlm.paths import home
 from ternlm.pii import PIIFilter, StreamMasker, load_detectors
 from ternlm.protocol import APIError, error_body
 from ternlm.ratelimit import Limits, make_limiter
@@ -42,11 +42,6 @@ PII_MODES = ("off", "output", "both")
 # Sent with every response; the chat page also gets a Content-Security-Policy built from its own scripts.
 SECURITY_HEADERS = {"X-Content-Type-Options": "nosniff", "X-Frame-Options": "DENY", "Referrer-Policy": "no-referrer",
                     "Cache-Control": "no-store"}
-
-
-def home() -> Path:
-    """Where ternlm keeps its state (keys, audit log, secrets): $TERNLM_HOME, else ~/.ternlm."""
-    return Path(os.environ.get("TERNLM_HOME") or Path.home() / ".ternlm")
 
 
 @dataclass

@@ -46,6 +46,9 @@ def _add_model_args(p: argparse.ArgumentParser, file_values: dict[str, object] |
     p.add_argument("--weights", choices=WEIGHT_LAYOUTS, default=_env("weights", f.get("weights", "i2")),
                    help="ternary weight layout: i2 (2 bits/weight) or tq1 (1.6 bits/weight, converted at load) "
                         "(env TERNLM_WEIGHTS; default i2)")
+    p.add_argument("--no-cache", action="store_true", default=_env("no_cache", False, _flag),
+                   help="do not read or write the converted-model cache ($TERNLM_HOME/cache) for HF directories "
+                        "and GGUF files (env TERNLM_NO_CACHE)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -87,7 +90,8 @@ def _stream(events: Iterator[GenerationEvent]) -> tuple[GenerationEvent | None, 
 
 def _load(args: argparse.Namespace) -> Model:
     """The model of a command's MODEL argument: a path, or a hub repo id already in the local cache."""
-    return load(hub.resolve(args.model), threads=args.threads, n_ctx=args.ctx, head=args.head, weights=args.weights)
+    return load(hub.resolve(args.model), threads=args.threads, n_ctx=args.ctx, head=args.head, weights=args.weights,
+                cache=not args.no_cache)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -184,6 +188,35 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from ternlm.formats import native
+
+    src, out = hub.resolve(args.src), Path(args.output)
+    to = args.to or ("gguf" if out.suffix.lower() == ".gguf" else "tlm")
+    start = time.perf_counter()
+    if to == "gguf":
+        from ternlm.formats.gguf_write import write_gguf
+
+        loaded = native.prepare(native.open_model(src), "float", "i2")
+        write_gguf(loaded, out, ternary_type=args.type, head_type=args.gguf_head)
+    else:
+        native.convert_native(src, out, head=args.head, weights=args.weights)
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, {to}) in {time.perf_counter() - start:.1f} s",
+          file=sys.stderr)
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from ternlm.formats.native import verify_native
+
+    problems = verify_native(args.file)
+    for p in problems:
+        print(p)
+    if not problems:
+        print(f"{args.file}: every tensor matches its checksum")
+    return 1 if problems else 0
+
+
 def cmd_pull(args: argparse.Namespace) -> int:
     try:
         path = hub.pull(args.repo, args.revision, allow_patterns=args.include, progress=not args.quiet)
@@ -222,8 +255,8 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
-    from ternlm.access import home
     from ternlm.keys import KeyStore
+    from ternlm.paths import home
 
     store = KeyStore(_path(args.keys_db) or home() / "keys.db")
     try:
@@ -375,6 +408,24 @@ def build_parser(file_values: dict[str, object] | None = None) -> argparse.Argum
     _add_model_args(serve, file_values)
     _add_serve_args(serve, file_values)
     serve.set_defaults(func=cmd_serve)
+
+    convert_p = sub.add_parser("convert", help="convert a model to ternlm's .tlm file or to a llama.cpp GGUF")
+    convert_p.add_argument("src", help="model directory or file (HF directory, GGUF, .tlm) or a cached repo id")
+    convert_p.add_argument("-o", "--output", required=True, help="the file to write")
+    convert_p.add_argument("--to", choices=("tlm", "gguf"), default=None,
+                           help="output format (default: gguf for a .gguf name, else tlm)")
+    convert_p.add_argument("--type", choices=("TQ2_0", "TQ1_0"), default="TQ2_0",
+                           help="GGUF type of the ternary projections (default TQ2_0)")
+    convert_p.add_argument("--gguf-head", choices=("F16", "F32", "Q8_0", "Q6_K", "Q4_0"), default="F16",
+                           help="GGUF type of the embedding and output head (default F16)")
+    convert_p.add_argument("--head", choices=HEAD_TYPES, default="q8_0",
+                           help="head precision stored in a .tlm file (default q8_0)")
+    convert_p.add_argument("--weights", choices=WEIGHT_LAYOUTS, default="i2",
+                           help="ternary layout stored in a .tlm file (default i2)")
+    convert_p.set_defaults(func=cmd_convert)
+    verify_p = sub.add_parser("verify", help="check every tensor of a .tlm file against its checksum")
+    verify_p.add_argument("file")
+    verify_p.set_defaults(func=cmd_verify)
 
     pull_p = sub.add_parser("pull", help="download a model from the Hugging Face hub into its local cache")
     pull_p.add_argument("repo", help="org/name[@revision], e.g. microsoft/bitnet-b1.58-2B-4T; known repos: "

@@ -507,7 +507,7 @@ def _unpack(archive: Path, tar: tarfile.TarFile, dest: str | Path | None) -> Pat
     if missing:
         raise FormatError(f"{archive}: members missing from the archive: {', '.join(missing)}")
     if dest is None:
-        from ternlm.access import home
+        from ternlm.paths import home
 
         dest = home() / "models" / root
     dest = Path(dest).expanduser()

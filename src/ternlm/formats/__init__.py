@@ -21,7 +21,7 @@ class LoadedModel:
 
 
 def open_model(path: str | Path) -> LoadedModel:
-    """The model at `path`: a Hugging Face directory, or a GGUF file."""
+    """The model at `path`: a Hugging Face directory, a GGUF file, or ternlm's own .tlm file."""
     path = Path(path)
     if path.is_dir():
         from ternlm.formats.hf import load_hf
@@ -32,9 +32,13 @@ def open_model(path: str | Path) -> LoadedModel:
     if not path.exists():
         raise FormatError(f"{path}: no such file or directory")
     with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic == b"GGUF":
+        magic = f.read(8)
+    if magic.startswith(b"GGUF"):
         from ternlm.formats.gguf import load_gguf
 
         return load_gguf(path)
+    from ternlm.formats.native import NATIVE_MAGIC, load_native
+
+    if magic == NATIVE_MAGIC:
+        return load_native(path)
     raise FormatError(f"{path}: not a model directory and not a known model file (magic {magic!r})")

@@ -523,7 +523,7 @@ def cache_file(source: Path, head: str, weights: str) -> Path:
     mtime_ns and first and last 4 KiB (changed headers are caught even within one mtime tick), the
     format version and ternlm's version."""
     from ternlm import __version__
-    from ternlm.access import home
+    from ternlm.paths import home
 
     source = source.resolve()
     files = sorted(p for p in source.iterdir() if p.is_file()) if source.is_dir() else [source]

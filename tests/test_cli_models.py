@@ -1,0 +1,36 @@
+"""The model-file commands of the `ternlm` CLI: convert, verify, export/import, list, and MODEL arguments."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import ternlm
+from ternlm.cli import main
+
+
+def test_convert_to_tlm_verify_and_run(tmp_path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "default.tlm"
+    assert main(["convert", str(ternlm.api.default_model_path()), "-o", str(out)]) == 0
+    assert main(["verify", str(out)]) == 0
+    assert "every tensor matches its checksum" in capsys.readouterr().out
+    ids = [1, 2, 3, 4]
+    np.testing.assert_array_equal(ternlm.load(out).logits(ids), ternlm.load(cache=False).logits(ids))
+    data = bytearray(out.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # inside some weight tensor
+    out.write_bytes(bytes(data))
+    assert main(["verify", str(out)]) == 1
+    assert "checksum" in capsys.readouterr().out
+
+
+def test_export_import_round_trip(tmp_path, capsys: pytest.CaptureFixture) -> None:
+    archive = tmp_path / "model.tar"
+    assert main(["export", str(ternlm.api.default_model_path()), str(archive)]) == 0
+    assert main(["import", str(archive), str(tmp_path / "imported")]) == 0
+    path = capsys.readouterr().out.strip().splitlines()[-1]
+    np.testing.assert_array_equal(ternlm.load(path).logits([5, 6]), ternlm.load().logits([5, 6]))
+
+
+def test_model_argument_that_is_neither_path_nor_cached_repo(capsys: pytest.CaptureFixture) -> None:
+    assert main(["info", "nobody/no-such-model"]) == 1
+    assert "ternlm pull nobody/no-such-model" in capsys.readouterr().err

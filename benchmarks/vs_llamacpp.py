@@ -6,9 +6,10 @@
                                      [--heads f16 q8_0 q6_k] [--cache DIR]
 
 The random 2B4T-shaped model (benchmarks/make_2b4t_shapes.py) is written once to --cache (default
-~/.cache/ternlm-bench/), and the SAME ternary weights once per (format, head) as a llama.cpp GGUF: arch `bitnet`,
-TQ2_0/TQ1_0 projections holding ternary x per-tensor scale (the same scale in every 256-block), F32 norms, the tied
-embedding/head `token_embd` in F16, Q8_0 or Q6_K, and a dummy 128256-token vocab (the benchmark feeds token ids).
+~/.cache/ternlm-bench/), and the SAME ternary weights once per (format, head) as a llama.cpp GGUF by
+ternlm.formats.gguf_write: arch `bitnet`, TQ2_0/TQ1_0 projections holding ternary x per-tensor scale (the same
+scale in every 256-block), F32 norms, the tied embedding/head `token_embd` in F16, Q8_0 or Q6_K, and no vocabulary
+(`tokenizer.ggml.model` "none": the benchmark feeds token ids).
 llama.cpp's `bitnet` arch is the SiLU-gated 1bitLLM variant while 2B4T uses relu²: the weights read and the matmuls
 done are the same, so the speed comparison holds although the logits differ.
 
@@ -24,96 +25,38 @@ import argparse
 import inspect
 import statistics
 import time
+import warnings
 from pathlib import Path
 
 import gguf  # gguf==0.19.0
 import llama_cpp  # llama-cpp-python==0.3.36
 import numpy as np
 from bench_decode import bench as bench_ternlm
-from make_2b4t_shapes import CONFIG
 from make_2b4t_shapes import main as make_model
-from safetensors.numpy import load_file
 
 import ternlm
 from ternlm import kernels
-from ternlm.formats.hf import unpack_hf
+from ternlm.formats import open_model
+from ternlm.formats.gguf_write import write_gguf
 
-QT = gguf.GGMLQuantizationType
-FORMATS = {"tq2_0": QT.TQ2_0, "tq1_0": QT.TQ1_0}
-FILE_TYPES = {"tq2_0": gguf.LlamaFileType.MOSTLY_TQ2_0, "tq1_0": gguf.LlamaFileType.MOSTLY_TQ1_0}
-HEADS = {"f16": QT.F16, "q8_0": QT.Q8_0, "q6_k": QT.Q6_K}
+FORMATS = ("tq2_0", "tq1_0")
+HEADS = ("f16", "q8_0", "q6_k")
 TERNLM_HEADS = {"f16": "float"}  # ternlm.load(head=...) names, where they differ; "float" keeps the F16 checkpoint
-GGUF_NAMES = {
-    "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.attn_sub_norm": "attn_sub_norm",
-    "mlp.ffn_sub_norm": "ffn_sub_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
-}
 
 
-def quantize_q6_k(x: np.ndarray) -> np.ndarray:
-    """(rows, cols) float32 -> ggml block_q6_K bytes (gguf-py has no Q6_K quantizer). Plain absmax, exact layout."""
-    n = x.size // 256
-    b = x.reshape(n, 16, 16)
-    sub = np.abs(b).max(-1) / 31  # (n, 16) step per 16-value sub-block
-    d = (sub.max(-1, keepdims=True) / 127).astype(np.float16)
-    sc = np.round(sub / np.maximum(d.astype(np.float32), 1e-30)).clip(-128, 127).astype(np.int8)
-    step = np.maximum(d.astype(np.float32) * sc, 1e-30)[..., None]
-    q = (np.round(b / step).clip(-32, 31) + 32).astype(np.uint8).reshape(n, 256)
-    lo, hi = (q & 15).reshape(n, 2, 2, 64), (q >> 4).reshape(n, 2, 4, 32)
-    ql = lo[:, :, 0] | lo[:, :, 1] << 4
-    qh = hi[:, :, 0] | hi[:, :, 1] << 2 | hi[:, :, 2] << 4 | hi[:, :, 3] << 6
-    return np.concatenate([ql.reshape(n, 128), qh.reshape(n, 64), sc.view(np.uint8), d.view(np.uint8)],
-                          axis=-1).reshape(x.shape[0], -1)
-
-
-def quantize(x: np.ndarray, qtype: QT, rows: int = 8192) -> np.ndarray:
-    """gguf.quants.quantize (or Q6_K above), a block of rows at a time to bound the float32 copies."""
-    q = quantize_q6_k if qtype == QT.Q6_K else lambda a: gguf.quants.quantize(a, qtype)
-    return np.concatenate([q(x[i:i + rows].astype(np.float32)) for i in range(0, len(x), rows)])
-
-
-def write_gguf(hf: Path, out: Path, fmt: str, head: str) -> None:
-    c = CONFIG
-    dim, heads, vocab = c["hidden_size"], c["num_attention_heads"], c["vocab_size"]
-    w = gguf.GGUFWriter(str(out) + ".tmp", "bitnet")
-    w.add_context_length(c["max_position_embeddings"])
-    w.add_embedding_length(dim)
-    w.add_block_count(c["num_hidden_layers"])
-    w.add_feed_forward_length(c["intermediate_size"])
-    w.add_head_count(heads)
-    w.add_head_count_kv(c["num_key_value_heads"])
-    w.add_rope_dimension_count(dim // heads)
-    w.add_rope_freq_base(c["rope_theta"])
-    w.add_layer_norm_rms_eps(c["rms_norm_eps"])
-    w.add_vocab_size(vocab)
-    w.add_file_type(FILE_TYPES[fmt])
-    w.add_tokenizer_model("gpt2")  # ids only: llama.cpp needs a vocab of the right size, not a real one
-    w.add_tokenizer_pre("default")
-    w.add_token_list([f"<t{i}>" for i in range(vocab)])
-    w.add_token_types([gguf.TokenType.NORMAL] * vocab)
-    w.add_token_merges(["< t"])  # llama.cpp refuses a BPE vocab without merges
-    w.add_bos_token_id(c["bos_token_id"])
-    w.add_eos_token_id(c["eos_token_id"])
-    top = load_file(str(hf / "embed.safetensors"))
-    w.add_tensor("token_embd.weight", quantize(top["model.embed_tokens.weight"], HEADS[head]), raw_dtype=HEADS[head])
-    w.add_tensor("output_norm.weight", top["model.norm.weight"])
-    del top
-    for i in range(c["num_hidden_layers"]):
-        layer, p = load_file(str(hf / f"layer-{i:02d}.safetensors")), f"model.layers.{i}."
-        for name, gname in GGUF_NAMES.items():
-            t = layer[p + name + ".weight"]
-            if t.dtype == np.uint8:  # packed codes w+1; autobitlinear "offline" multiplies by weight_scale
-                ternary = (unpack_hf(t, 4 * t.shape[0]).astype(np.int8) - 1).astype(np.float32)
-                t = quantize(ternary * layer[p + name + ".weight_scale"][0], FORMATS[fmt])
-                w.add_tensor(f"blk.{i}.{gname}.weight", t, raw_dtype=FORMATS[fmt])
-            else:
-                w.add_tensor(f"blk.{i}.{gname}.weight", t.astype(np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    Path(str(out) + ".tmp").rename(out)
+def write_llama_gguf(hf: Path, out: Path, fmt: str, head: str) -> None:
+    """The random model as a llama.cpp GGUF (ternlm.formats.gguf_write), its scales rounded to float16 first:
+    the real 2B4T's bf16 scales are float16 numbers, so its GGUF has no `.scale` multipliers, and neither
+    should this one (llama.cpp would do an extra multiply per projection)."""
+    model = open_model(hf)
+    for layer in model.weights.layers:
+        for lin in layer.linears():
+            half = np.asarray(lin.scale, np.float32).astype(np.float16).astype(np.float32)
+            lin.scale = half if half.ndim else float(half)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*relu²")  # documented above: llama.cpp computes SiLU
+        warnings.filterwarnings("ignore", message=".*no tokenizer")
+        write_gguf(model, out, ternary_type=fmt, head_type=head, name="2b4t-random")
 
 
 def bench_llama(llm: llama_cpp.Llama, pp: int, tg: int) -> tuple[float, float]:
@@ -162,7 +105,7 @@ def main() -> None:
             path = args.cache / f"2b4t-random-{fmt}-{head}.gguf"
             if not path.exists():
                 t0 = time.perf_counter()
-                write_gguf(hf, path, fmt, head)
+                write_llama_gguf(hf, path, fmt, head)
                 print(f"wrote {path} in {time.perf_counter() - t0:.0f} s")
             nbytes = sum(int(t.n_bytes) for t in gguf.GGUFReader(path).tensors)
             llm = llama_cpp.Llama(str(path), n_threads=1, n_threads_batch=1, n_ctx=max(pps) + 128, n_batch=512,

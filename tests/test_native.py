@@ -441,3 +441,21 @@ def test_native_files_are_not_cached_again(hf_copy: Path, reads: list[Path], own
     out = write_native(LoadedModel(source.config, source.weights, source.tokenizer), tmp_path / "m.tlm")
     ternlm.load(out)
     assert len(reads) == 1 and cache_files(own_home) == []
+
+
+def test_layers_without_a_packed_form_are_refused(tmp_path: Path) -> None:
+    class Scaled(TernaryLinear):  # like a GGUF layer with a scale per 256-block
+        pass
+
+    model = synthetic()
+    lw = model.weights.layers[0]
+    lw.o = Scaled(lw.o.packed, lw.o.in_features, lw.o.scale, lw.o.layout)
+    with pytest.raises(FormatError, match="cannot store a Scaled"):
+        write_native(model, tmp_path / "s.tlm")
+    assert not (tmp_path / "s.tlm").exists()
+
+
+def test_cache_key_follows_the_i2s_block_setting(hf_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    default = native.cache_file(hf_copy, "q8_0", "i2")
+    monkeypatch.setenv("TERNLM_I2S_BLOCK", "64")
+    assert native.cache_file(hf_copy, "q8_0", "i2") != default

@@ -129,6 +129,8 @@ def _describe_weights(w: ModelWeights, tensors: list[tuple[str, np.ndarray]]) ->
         raise FormatError(f"{name}: cannot store a {type(m).__name__} in a ternlm file")
 
     def linear(name: str, lin: TernaryLinear) -> dict[str, Any]:
+        if type(lin) is not TernaryLinear:  # e.g. a GGUF layer with a scale per 256-block: no packed form here
+            raise FormatError(f"{name}: cannot store a {type(lin).__name__} in a ternlm file")
         scale = lin.scale if isinstance(lin.scale, float) else add(name + ".scale", lin.scale)
         return {"layout": lin.layout, "in_features": lin.in_features, "packed": add(name + ".packed", lin.packed),
                 "scale": scale}
@@ -527,7 +529,9 @@ def cache_file(source: Path, head: str, weights: str) -> Path:
 
     source = source.resolve()
     files = sorted(p for p in source.iterdir() if p.is_file()) if source.is_dir() else [source]
-    state = hashlib.sha256(f"{FORMAT_VERSION}|{__version__}|{head}|{weights}".encode())
+    # TERNLM_I2S_BLOCK changes how an I2_S GGUF decodes, so it is part of what the cache holds
+    state = hashlib.sha256(f"{FORMAT_VERSION}|{__version__}|{head}|{weights}|"
+                           f"{os.environ.get('TERNLM_I2S_BLOCK', '')}".encode())
     for file in files:
         st = file.stat()
         state.update(f"|{file.name}|{st.st_size}|{st.st_mtime_ns}|".encode())

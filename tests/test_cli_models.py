@@ -34,3 +34,13 @@ def test_export_import_round_trip(tmp_path, capsys: pytest.CaptureFixture) -> No
 def test_model_argument_that_is_neither_path_nor_cached_repo(capsys: pytest.CaptureFixture) -> None:
     assert main(["info", "nobody/no-such-model"]) == 1
     assert "ternlm pull nobody/no-such-model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("qtype", ["TQ2_0", "TQ1_0"])
+def test_convert_to_gguf_and_load_it_back(tmp_path, qtype: str) -> None:
+    out = tmp_path / "default.gguf"
+    with pytest.warns(UserWarning):  # the shipped model's 640-wide FFN does not fill 256-blocks: F16 rows
+        assert main(["convert", str(ternlm.api.default_model_path()), "-o", str(out), "--type", qtype]) == 0
+    ids = [1, 2, 3, 4]
+    np.testing.assert_allclose(ternlm.load(out, head="float", cache=False).logits(ids),
+                               ternlm.load(head="float", cache=False).logits(ids), rtol=0, atol=1e-4)

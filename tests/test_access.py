@@ -235,3 +235,13 @@ def test_require_auth_without_keys_refuses_everything_but_health(model: ternlm.M
     for client in serve(model, keys_db=tmp_path / "none.db", require_auth=True):
         assert client.get("/health").status_code == 200
         assert client.get("/v1/models").status_code == 401
+
+
+def test_key_max_tokens_caps_requests_that_do_not_say(model: ternlm.Model, tmp_path: Path) -> None:
+    store = KeyStore(tmp_path / "keys.db")
+    key = store.create("capped", "user", max_tokens=3)[0]
+    store.close()
+    for client in serve(model, keys_db=tmp_path / "keys.db"):
+        body = {k: v for k, v in COMPLETION.items() if k != "max_tokens"}
+        r = client.post("/v1/completions", json=body, headers={"Authorization": f"Bearer {key}"})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3

@@ -95,6 +95,7 @@ class Reservation:
     bucket: str
     limits: Limits
     tokens: int
+    max_tokens: int  # the completion limit to run with: the request's, else the key's cap or what the context leaves
 
 
 @dataclass
@@ -183,7 +184,8 @@ class Guard:
         if key and key.max_tokens is not None and max_tokens is not None and max_tokens > key.max_tokens:
             raise APIError(429, f"max_tokens {max_tokens} exceeds the key's limit of {key.max_tokens}",
                            "rate_limit_exceeded", "quota_exceeded")
-        completion = min(x for x in (max_tokens, key.max_tokens if key else None, context_left) if x is not None)
+        cap = min(x for x in (key.max_tokens if key else None, context_left) if x is not None)
+        completion = min(max_tokens, cap) if max_tokens is not None else cap
         limits = self.limits(who)
         tokens = prompt_tokens + completion
         decision = await self._call(self.limiter.acquire, who.bucket, limits, tokens)
@@ -192,7 +194,7 @@ class Guard:
             self.metrics.rate_limited.inc()
             raise APIError(429, decision.reason or "rate limit reached", "rate_limit_exceeded",
                            "rate_limit_exceeded", decision.headers)
-        return Reservation(who.bucket, limits, tokens)
+        return Reservation(who.bucket, limits, tokens, max_tokens if max_tokens is not None else cap)
 
     async def release(self, reservation: Reservation, used_tokens: int) -> None:
         """Give back what the request reserved but did not use."""

@@ -160,10 +160,9 @@ def create_app(model: Model | Callable[[], Model], config: ServerConfig | None =
         return await guard.admit(access.principal(request), len(ids), req.token_limit,
                                  max(model.n_ctx - len(ids), 1), access.response_headers(request))
 
-    def submit(model: Model, engine: Engine, ids: list[int], req: ChatRequest | CompletionRequest,
+    def submit(engine: Engine, ids: list[int], req: ChatRequest | CompletionRequest, reservation: Reservation,
                logprobs: int | None, constraint: object | None) -> Stream:
-        limit = req.token_limit or max(model.n_ctx - len(ids), 1)
-        return engine.submit(ids, limit, SamplingParams(**req.sampling()), stop=req.stop,
+        return engine.submit(ids, reservation.max_tokens, SamplingParams(**req.sampling()), stop=req.stop,
                              ignore_eos=req.ignore_eos, logprobs=logprobs, constraint=constraint,
                              loop=asyncio.get_running_loop())
 
@@ -281,12 +280,12 @@ def create_app(model: Model | Callable[[], Model], config: ServerConfig | None =
         tok = _tokenizer(model)
         rec = access.request_record(request)
         if req.stream:
-            stream = submit(model, engine, ids, req, req.logprobs_k, constraint)
+            stream = submit(engine, ids, req, reservation, req.logprobs_k, constraint)
             return streamed(request, _chat_chunks(stream, head, req, tools, len(ids), tok, guard.output_masker(),
                                                   rec, guard.count_pii), stream, reservation)
 
         async def make() -> dict[str, Any]:
-            events = await _collect(submit(model, engine, ids, req, req.logprobs_k, constraint), request)
+            events = await _collect(submit(engine, ids, req, reservation, req.logprobs_k, constraint), request)
             text = rec.completion = guard.mask_output("".join(e.text for e in events))
             finish = events[-1].finish_reason if events else "stop"
             message: dict[str, Any] = {"role": "assistant", "content": text}
@@ -315,13 +314,13 @@ def create_app(model: Model | Callable[[], Model], config: ServerConfig | None =
         echo = _tokenizer(model).decode(ids) if req.echo else ""
         rec = access.request_record(request)
         if req.stream:
-            stream = submit(model, engine, ids, req, req.logprobs, None)
+            stream = submit(engine, ids, req, reservation, req.logprobs, None)
             return streamed(request, _completion_chunks(stream, head, req, len(ids), tok, echo,
                                                         guard.output_masker(), rec, guard.count_pii),
                             stream, reservation)
 
         async def make() -> dict[str, Any]:
-            events = await _collect(submit(model, engine, ids, req, req.logprobs, None), request)
+            events = await _collect(submit(engine, ids, req, reservation, req.logprobs, None), request)
             rec.completion = guard.mask_output("".join(e.text for e in events))
             choice = {"index": 0, "text": echo + rec.completion,
                       "finish_reason": events[-1].finish_reason if events else "stop",

@@ -23,6 +23,7 @@ from types import ModuleType
 from typing import IO, Any
 
 from ternlm.errors import FormatError, ParamError, TernlmError
+from ternlm.paths import home, replacing
 
 KNOWN_REPOS: dict[str, str] = {
     "microsoft/bitnet-b1.58-2B-4T": "BitNet b1.58 2B4T, native 1.58-bit, 4T tokens: packed ternary (run this one)",
@@ -391,37 +392,29 @@ def export_model(model: str | Path, out: str | Path) -> Path:
     out = Path(out).expanduser()
     if out.is_dir():
         out = out / f"{root}.tar"
-    tmp = _atomic_target(out)
     entries = []
-    try:
-        with open(tmp, "wb") as raw:
-            writer = _HashingWriter(raw)
-            with tarfile.open(fileobj=writer, mode="w|", format=tarfile.PAX_FORMAT) as tar:
-                for file, name in members:
-                    info = tarfile.TarInfo(name)
-                    st = file.stat()
-                    info.size, info.mtime, info.mode = st.st_size, int(st.st_mtime), 0o644
-                    with open(file, "rb") as f:
-                        reader = _HashingReader(f)
-                        tar.addfile(info, reader)
-                    entries.append({"name": name, "size": reader.size, "sha256": reader.sha.hexdigest()})
-                manifest = json.dumps({"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "root": root,
-                                       "kind": "file" if path.is_file() else "directory", "source": source,
-                                       "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                                       "files": entries}, indent=1).encode()
-                info = tarfile.TarInfo(MANIFEST)
-                info.size, info.mtime, info.mode = len(manifest), int(time.time()), 0o644
-                tar.addfile(info, io.BytesIO(manifest))
-            raw.flush()
-            os.fsync(raw.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    sidecar = out.with_name(out.name + ".sha256")
-    tmp = _atomic_target(sidecar)
-    tmp.write_text(f"{writer.sha.hexdigest()}  {out.name}\n")
-    os.replace(tmp, sidecar)
+    with replacing(out) as tmp, open(tmp, "wb") as raw:
+        writer = _HashingWriter(raw)
+        with tarfile.open(fileobj=writer, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+            for file, name in members:
+                info = tarfile.TarInfo(name)
+                st = file.stat()
+                info.size, info.mtime, info.mode = st.st_size, int(st.st_mtime), 0o644
+                with open(file, "rb") as f:
+                    reader = _HashingReader(f)
+                    tar.addfile(info, reader)
+                entries.append({"name": name, "size": reader.size, "sha256": reader.sha.hexdigest()})
+            manifest = json.dumps({"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "root": root,
+                                   "kind": "file" if path.is_file() else "directory", "source": source,
+                                   "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                   "files": entries}, indent=1).encode()
+            info = tarfile.TarInfo(MANIFEST)
+            info.size, info.mtime, info.mode = len(manifest), int(time.time()), 0o644
+            tar.addfile(info, io.BytesIO(manifest))
+        raw.flush()
+        os.fsync(raw.fileno())
+    with replacing(out.with_name(out.name + ".sha256")) as tmp:
+        tmp.write_text(f"{writer.sha.hexdigest()}  {out.name}\n")
     return out
 
 
@@ -507,8 +500,6 @@ def _unpack(archive: Path, tar: tarfile.TarFile, dest: str | Path | None) -> Pat
     if missing:
         raise FormatError(f"{archive}: members missing from the archive: {', '.join(missing)}")
     if dest is None:
-        from ternlm.paths import home
-
         dest = home() / "models" / root
     dest = Path(dest).expanduser()
     if dest.exists():

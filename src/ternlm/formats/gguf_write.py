@@ -43,6 +43,7 @@ import numpy as np
 from ternlm import ternary
 from ternlm.errors import FormatError, ParamError, TernlmError
 from ternlm.layers import FloatMatrix, Q4Matrix, Q8Matrix, TernaryLinear
+from ternlm.paths import replacing
 
 if TYPE_CHECKING:
     from ternlm.config import ModelConfig
@@ -126,28 +127,26 @@ def write_gguf(model: LoadedModel, out: str | Path, ternary_type: str = "TQ2_0",
                       "8x the bytes), as llama.cpp's own converter does",
                       stacklevel=2)
 
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    writer = gguf.GGUFWriter(str(tmp), arch)
-    try:
-        _write_metadata(writer, gguf, config, arch, ternary_type, name if name is not None else out.stem)
-        _write_vocab(writer, gguf, getattr(model, "tokenizer", None), config)
-        qtypes = gguf.GGMLQuantizationType
-        for t in tensors:
-            qtype = qtypes[t.qtype]
-            block, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
-            writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), int(np.prod(t.shape)) // block * block_bytes,
-                                   raw_dtype=qtype)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        for t in tensors:
-            writer.write_tensor_data(np.ascontiguousarray(t.make()))
-        writer.close()
-        os.replace(tmp, out)
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
+    with replacing(out) as tmp:
+        writer = gguf.GGUFWriter(str(tmp), arch)
+        try:
+            _write_metadata(writer, gguf, config, arch, ternary_type, name if name is not None else out.stem)
+            _write_vocab(writer, gguf, getattr(model, "tokenizer", None), config)
+            qtypes = gguf.GGMLQuantizationType
+            for t in tensors:
+                qtype = qtypes[t.qtype]
+                block, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
+                nbytes = int(np.prod(t.shape)) // block * block_bytes
+                writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), nbytes, raw_dtype=qtype)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            for t in tensors:
+                writer.write_tensor_data(np.ascontiguousarray(t.make()))
+        finally:
+            writer.close()
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
     return out
 
 

@@ -26,7 +26,6 @@ import logging
 import math
 import mmap
 import os
-import secrets
 import struct
 import zlib
 from pathlib import Path
@@ -41,6 +40,7 @@ from ternlm.errors import FormatError, ShapeError, TernlmError
 from ternlm.formats import LoadedModel, open_model
 from ternlm.layers import LAYOUTS, FloatMatrix, Q4Matrix, Q8Matrix, TernaryLinear
 from ternlm.model import LayerWeights, ModelWeights
+from ternlm.paths import replacing
 from ternlm.tokenizer import Tokenizer
 
 log = logging.getLogger("ternlm.formats.native")
@@ -79,30 +79,21 @@ def write_native(model: LoadedModel, out: str | Path) -> Path:
     first = _header_bytes(header)
     data_start = _align(_PREFIX.size + len(first))
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for any new file
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(_PREFIX.pack(NATIVE_MAGIC, FORMAT_VERSION, 0, len(first)) + first)
-            for name, arr in tensors:
-                f.seek(data_start + table[name]["offset"])
-                data = memoryview(arr).cast("B") if arr.nbytes else b""
-                f.write(data)
-                table[name]["crc32"] = f"{zlib.crc32(data):08x}"
-            f.truncate(data_start + offset)
-            final = _header_bytes(header)
-            if len(final) != len(first):  # only the fixed-width checksums changed
-                raise TernlmError(f"{out}: header changed length while writing ({len(first)} -> {len(final)})")
-            f.seek(0)
-            f.write(_PREFIX.pack(NATIVE_MAGIC, FORMAT_VERSION, zlib.crc32(final), len(final)) + final)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(out.parent)
+    with replacing(out) as tmp, open(tmp, "xb") as f:
+        f.write(_PREFIX.pack(NATIVE_MAGIC, FORMAT_VERSION, 0, len(first)) + first)
+        for name, arr in tensors:
+            f.seek(data_start + table[name]["offset"])
+            data = memoryview(arr).cast("B") if arr.nbytes else b""
+            f.write(data)
+            table[name]["crc32"] = f"{zlib.crc32(data):08x}"
+        f.truncate(data_start + offset)
+        final = _header_bytes(header)
+        if len(final) != len(first):  # only the fixed-width checksums changed
+            raise TernlmError(f"{out}: header changed length while writing ({len(first)} -> {len(final)})")
+        f.seek(0)
+        f.write(_PREFIX.pack(NATIVE_MAGIC, FORMAT_VERSION, zlib.crc32(final), len(final)) + final)
+        f.flush()
+        os.fsync(f.fileno())
     return out
 
 
@@ -185,19 +176,6 @@ def _header_bytes(header: dict[str, Any]) -> bytes:
 
 def _align(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems cannot fsync a directory; the rename itself is still atomic
-    finally:
-        os.close(fd)
 
 
 # ---------------------------------------------------------------- reading

@@ -44,3 +44,11 @@ def test_convert_to_gguf_and_load_it_back(tmp_path, qtype: str) -> None:
     ids = [1, 2, 3, 4]
     np.testing.assert_allclose(ternlm.load(out, head="float", cache=False).logits(ids),
                                ternlm.load(head="float", cache=False).logits(ids), rtol=0, atol=1e-4)
+
+
+def test_tco_command_prints_json(capsys: pytest.CaptureFixture) -> None:
+    import json
+
+    assert main(["tco", "--example", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["schema"] == "ternlm.tco/1"

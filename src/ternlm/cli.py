@@ -17,7 +17,7 @@ if sys.version_info >= (3, 11):
 else:
     import tomli as tomllib
 
-from ternlm import __version__, hub, load
+from ternlm import __version__, hub, load, tco
 from ternlm.api import HEAD_TYPES, WEIGHT_LAYOUTS, Model
 from ternlm.errors import TernlmError
 from ternlm.generate import GenerationEvent
@@ -448,6 +448,10 @@ def build_parser(file_values: dict[str, object] | None = None) -> argparse.Argum
     import_p.add_argument("archive")
     import_p.add_argument("dest", nargs="?", default=None, help="where to unpack (default $TERNLM_HOME/models/NAME)")
     import_p.set_defaults(func=cmd_import)
+
+    tco_p = sub.add_parser("tco", help="total cost of ownership: on-premise ternlm against cloud API prices")
+    tco.add_arguments(tco_p)
+    tco_p.set_defaults(func=tco.run)
 
     keys = sub.add_parser("keys", help="create, list and revoke API keys of the server")
     keys_sub = keys.add_subparsers(dest="action", required=True)

@@ -1,4 +1,5 @@
-"""The `ternlm` command: run, chat, info and serve. Every flag also reads an environment variable
+"""The `ternlm` command: run, chat, info and serve a model; convert, verify, pull, list, rm, export and import
+model files; keys and audit for the server; tco. Model and serve flags also read an environment variable
 TERNLM_<FLAG>; `serve` also reads a TOML file (--config), with flags > environment > file > defaults."""
 
 from __future__ import annotations

@@ -148,18 +148,6 @@ def test_baseline_holds_the_same_weights(precision):
     assert np.corrcoef(logits.ravel(), ternary_logits.ravel())[0, 1] > 0.95
 
 
-def test_tq2_0_blocks_match_gguf():
-    gguf = pytest.importorskip("gguf")
-    from gguf.quants import dequantize
-
-    codes = np.random.default_rng(0).integers(0, 3, (3, 512), dtype=np.uint8)
-    scale = np.array([0.5, 0.25, 0.125], np.float32)
-    raw = bench.tq2_0_bytes(codes, scale)
-    assert raw.shape == (3, 2 * 66)
-    np.testing.assert_array_equal(dequantize(raw, gguf.GGMLQuantizationType.TQ2_0),
-                                  (codes.astype(np.float32) - 1) * scale[:, None])
-
-
 def test_energy_meter_reads_rapl_with_wraparound(tmp_path):
     zone = tmp_path / "intel-rapl:0"
     zone.mkdir()

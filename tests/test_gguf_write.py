@@ -31,7 +31,7 @@ import pytest
 import ternlm
 from ternlm.errors import FormatError, ParamError, TernlmError
 from ternlm.formats import LoadedModel, open_model
-from ternlm.formats.gguf_write import LLAMA3_REGEX, quantize_q6_k, write_gguf
+from ternlm.formats.gguf_write import LLAMA3_REGEX, quantize_q6_k, tq2_0_bytes, write_gguf
 from ternlm.layers import FloatMatrix, TernaryLinear
 
 gguf = pytest.importorskip("gguf", reason="writing GGUF needs the gguf package")
@@ -491,3 +491,15 @@ def test_default_model_round_trip(default_model: LoadedModel, tmp_path: Path) ->
         assert model.tokenizer.encode(text) == default_model.tokenizer.encode(text), text
     tokens = model.tokenizer.encode(TEXTS[0])
     close_to(model.logits(tokens), ternlm.load(DEFAULT, head="float").logits(tokens), "default model")
+
+
+def test_tq2_0_blocks_from_codes_match_gguf():
+    gguf = pytest.importorskip("gguf")
+    from gguf.quants import dequantize
+
+    codes = np.random.default_rng(0).integers(0, 3, (3, 512), dtype=np.uint8)
+    scale = np.array([0.5, 0.25, 0.125], np.float32)
+    raw = tq2_0_bytes(codes, scale)
+    assert raw.shape == (3, 2 * 66)
+    np.testing.assert_array_equal(dequantize(raw, gguf.GGMLQuantizationType.TQ2_0),
+                                  (codes.astype(np.float32) - 1) * scale[:, None])

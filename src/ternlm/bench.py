@@ -50,7 +50,8 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -61,6 +62,8 @@ import numpy as np
 from ternlm import __version__, baseline, kernels, ternary
 from ternlm.config import ModelConfig
 from ternlm.errors import ParamError, TernlmError
+from ternlm.formats import LoadedModel
+from ternlm.formats.gguf_write import write_gguf
 from ternlm.kvcache import KVCache
 from ternlm.layers import Q8Matrix, TernaryLinear
 from ternlm.model import LayerWeights, ModelWeights, Transformer
@@ -334,101 +337,14 @@ def dummy_weights(shape: Shape, seed: int = 0) -> ModelWeights:
 # ---- llama.cpp GGUF files of the same weights ------------------------------------------------------
 
 
-def tq2_0_bytes(codes: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """codes w+1 (rows, k), k % 256 == 0, and one scale per row -> ggml block_tq2_0 bytes (rows, k/256 * 66).
-
-    A block: 64 bytes, byte 32h + m holding elements 128h + m + 32n at bits 2n (n = 0..3), then the float16 d.
-    """
-    rows, k = codes.shape
-    c = codes.reshape(rows, k // 128, 4, 32)
-    qs = (c[:, :, 0] | c[:, :, 1] << 2 | c[:, :, 2] << 4 | c[:, :, 3] << 6).reshape(rows, k // 256, 64)
-    d = np.repeat(np.asarray(scale, np.float16).reshape(rows, 1), k // 256, axis=1)
-    return np.concatenate([qs, d.view(np.uint8).reshape(rows, k // 256, 2)], axis=2).reshape(rows, -1)
-
-
 def write_llama_gguf(config: ModelConfig, weights: ModelWeights, path: Path, kind: str) -> int:
-    """The ternary model as a GGUF llama.cpp runs (arch `bitnet`, no vocabulary): projections TQ2_0 with a
-    Q8_0 head (kind "TQ2_0"), or everything F16 (kind "F16", the full-precision file). Returns its bytes.
-
-    ternlm.formats.gguf_write writes TQ2_0/TQ1_0 only, through gguf-py's numpy quantizer (about 80 M
-    weights/s); this writes both kinds from the packed codes directly, one tensor at a time.
-    """
-    import gguf
-
-    f16 = kind == "F16"
-    c = config
-    if any(k % 256 for k in (c.dim, c.ffn_dim)) and not f16:
-        raise ParamError(f"TQ2_0 needs rows of whole 256-value blocks; dim {c.dim}, ffn {c.ffn_dim}")
-
-    def proj(lin: TernaryLinear, r0: int, r1: int) -> tuple[tuple[int, int], str, Callable[[], np.ndarray]]:
-        def make() -> np.ndarray:
-            if f16:
-                return baseline.dequantize_rows(lin, r0, r1, "f16")
-            scale = np.broadcast_to(np.asarray(lin.scale, np.float32), (lin.out_features,))[r0:r1]
-            return tq2_0_bytes(lin.codes(r0, r1), scale)
-        return (r1 - r0, lin.in_features), "F16" if f16 else "TQ2_0", make
-
-    def head() -> np.ndarray:
-        m = weights.head
-        if not f16 and isinstance(m, Q8Matrix):
-            n, nb = m.d.shape
-            return np.concatenate([m.d.view(np.uint8).reshape(n, nb, 2), m.q.view(np.uint8).reshape(n, nb, 32)],
-                                  axis=2).reshape(n, nb * 34)
-        return np.concatenate([m.rows(np.arange(r, min(r + 4096, m.shape[0]))).astype(np.float16)
-                               for r in range(0, m.shape[0], 4096)])
-
-    def vec(v: np.ndarray) -> tuple[tuple[int], str, Callable[[], np.ndarray]]:
-        return (len(v),), "F32", lambda: np.asarray(v, np.float32)
-
-    def tensors() -> Iterator[tuple[str, tuple[int, ...], str, Callable[[], np.ndarray]]]:
-        head_type = "Q8_0" if not f16 and isinstance(weights.head, Q8Matrix) else "F16"
-        yield "token_embd.weight", tuple(weights.head.shape), head_type, head
-        yield ("output_norm.weight", *vec(weights.norm))
-        q, kv = c.q_dim, c.kv_dim
-        for i, lw in enumerate(weights.layers):
-            p = f"blk.{i}."
-            yield (p + "attn_norm.weight", *vec(lw.attn_norm))
-            yield (p + "attn_sub_norm.weight", *vec(lw.attn_sub_norm))
-            yield (p + "attn_q.weight", *proj(lw.qkv, 0, q))
-            yield (p + "attn_k.weight", *proj(lw.qkv, q, q + kv))
-            yield (p + "attn_v.weight", *proj(lw.qkv, q + kv, q + 2 * kv))
-            yield (p + "attn_output.weight", *proj(lw.o, 0, c.dim))
-            yield (p + "ffn_norm.weight", *vec(lw.ffn_norm))
-            yield (p + "ffn_sub_norm.weight", *vec(lw.ffn_sub_norm))
-            yield (p + "ffn_gate.weight", *proj(lw.gate_up, 0, c.ffn_dim))
-            yield (p + "ffn_up.weight", *proj(lw.gate_up, c.ffn_dim, 2 * c.ffn_dim))
-            yield (p + "ffn_down.weight", *proj(lw.down, 0, c.dim))
-
-    writer = gguf.GGUFWriter(str(path), "bitnet")
-    writer.add_name(path.stem)
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if f16 else gguf.LlamaFileType.MOSTLY_TQ2_0)
-    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    writer.add_context_length(max(c.max_seq_len, 4096))  # below the context asked for, llama.cpp warns
-    writer.add_embedding_length(c.dim)
-    writer.add_block_count(c.n_layers)
-    writer.add_feed_forward_length(c.ffn_dim)
-    writer.add_head_count(c.n_heads)
-    writer.add_head_count_kv(c.n_kv_heads)
-    writer.add_rope_dimension_count(c.head_dim)
-    writer.add_rope_freq_base(c.rope_theta)
-    writer.add_layer_norm_rms_eps(c.norm_eps)
-    writer.add_vocab_size(c.vocab_size)
-    writer.add_tokenizer_model("none")  # token ids only: llama.cpp takes the vocabulary size from token_embd
-    listed = list(tensors())
-    total = 0
-    for name, shp, qtype, _ in listed:
-        qt = gguf.GGMLQuantizationType[qtype]
-        block, block_bytes = gguf.GGML_QUANT_SIZES[qt]
-        nbytes = int(np.prod(shp)) // block * block_bytes
-        total += nbytes
-        writer.add_tensor_info(name, shp, np.dtype(np.float32), nbytes, raw_dtype=qt)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    for *_, make in listed:
-        writer.write_tensor_data(np.ascontiguousarray(make()))
-    writer.close()
-    return total
+    """The model as a GGUF llama.cpp runs (arch `bitnet`, no vocabulary): projections TQ2_0 with the Q8_0
+    head (kind "TQ2_0"), or everything F16 (kind "F16", the full-precision file). Returns its bytes."""
+    with warnings.catch_warnings():  # a relu² shape written as `bitnet`: llama.cpp's speed is what is measured
+        warnings.simplefilter("ignore")
+        write_gguf(LoadedModel(config, weights, None), path, ternary_type=kind,
+                   head_type="F16" if kind == "F16" else "Q8_0")
+    return path.stat().st_size
 
 
 def _llama_cpp() -> tuple[Any, str | None]:

@@ -51,7 +51,7 @@ if TYPE_CHECKING:
     from ternlm.model import ModelWeights
     from ternlm.tokenizer import Tokenizer
 
-TERNARY_TYPES = ("TQ2_0", "TQ1_0")
+TERNARY_TYPES = ("TQ2_0", "TQ1_0", "F16")  # F16: the same values in full precision, llama.cpp's float baseline
 HEAD_TYPES = ("F16", "F32", "Q8_0", "Q6_K", "Q4_0")
 # Columns per block of each type: a row must hold a whole number of blocks.
 BLOCK_COLS = {"TQ2_0": 256, "TQ1_0": 256, "Q6_K": 256, "Q8_0": 32, "Q4_0": 32, "F16": 1, "F32": 1}
@@ -95,7 +95,8 @@ def write_gguf(model: LoadedModel, out: str | Path, ternary_type: str = "TQ2_0",
                name: str | None = None) -> Path:
     """Write `model` (from ``ternlm.formats.open_model``) to the GGUF file `out`; returns its path.
 
-    ternary_type: "TQ2_0" or "TQ1_0" for the seven projections of every layer. head_type: "F16", "F32",
+    ternary_type: "TQ2_0" or "TQ1_0" for the seven projections of every layer, or "F16" for the same values
+    in full precision (what a float model's file holds: the baseline to compare with). head_type: "F16", "F32",
     "Q8_0", "Q6_K" or "Q4_0" for the embedding and an untied head (a Q8_0/Q4_0 head of a model loaded
     with ternlm's head quantization is copied bit for bit). name: `general.name` (default: the file's
     stem). The file appears only when complete (written beside it, then renamed).
@@ -280,6 +281,9 @@ def _projection(name: str, lin: TernaryLinear, r0: int, r1: int, qtype: Any, typ
             codes, s = [c[order] for c in codes], [x[order] for x in s]
         out = []
         for i in range(0, r1 - r0, CHUNK_ROWS):
+            if type_name == "TQ2_0" and n_parts == 1:  # straight from the codes: no float round trip
+                out.append(tq2_0_bytes(codes[0][i:i + CHUNK_ROWS], s[0][i:i + CHUNK_ROWS]))
+                continue
             x = sum((c[i:i + CHUNK_ROWS].astype(np.float32) - 1) * sc[i:i + CHUNK_ROWS, None]
                     for c, sc in zip(codes, s, strict=True))
             if type_name != "F16" and n_parts > 1:
@@ -292,6 +296,18 @@ def _projection(name: str, lin: TernaryLinear, r0: int, r1: int, qtype: Any, typ
     if n_parts == 1 and np.all(scales[0] == first) and np.float32(np.float16(first)) != first:
         ratio = _ratio(first)
         yield _Tensor(name.removesuffix(".weight") + ".scale", (1,), "F32", lambda: np.array([ratio], np.float32))
+
+
+def tq2_0_bytes(codes: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """codes w+1 (rows, k), k % 256 == 0, and one scale per row -> ggml TQ2_0 blocks (rows, k/256 * 66).
+
+    A block: 64 bytes, byte 32h + m holding elements 128h + m + 32n at bits 2n (n = 0..3), then the float16 d.
+    """
+    rows, k = codes.shape
+    c = codes.reshape(rows, k // 128, 4, 32)
+    qs = (c[:, :, 0] | c[:, :, 1] << 2 | c[:, :, 2] << 4 | c[:, :, 3] << 6).reshape(rows, k // 256, 64)
+    d = np.repeat(np.asarray(scale, np.float16).reshape(rows, 1), k // 256, axis=1)
+    return np.concatenate([qs, d.view(np.uint8).reshape(rows, k // 256, 2)], axis=2).reshape(rows, -1)
 
 
 def _ratio(s: np.float32) -> np.float32:

@@ -5,6 +5,7 @@ JSON, table and plot outputs."""
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 from pathlib import Path
@@ -286,27 +287,43 @@ def test_bad_prices_file(tmp_path: Path, text: str, message: str) -> None:
 # --- bench files ---------------------------------------------------------------------------------------------
 
 
+def _run(engine: str, threads: int, decode: float, **more: float) -> dict:
+    return {"engine": engine, "threads": threads, "status": "ok", "decode_tok_s": decode, **more}
+
+
 def test_bench_file_gives_tokens_per_s_and_watts(tmp_path: Path) -> None:
     path = tmp_path / "bench.json"
-    path.write_text(json.dumps({"results": [
-        {"model": "a", "ternary": {"decode_tokens_per_s": 50.0, "joules_per_token": 2.0,
-                                   "prefill_tokens_per_s": 300.0}},
-        {"model": "b", "ternary": {"decode_tokens_per_s": 20.0}},
+    path.write_text(json.dumps({"schema": "ternlm-bench/1", "models": [
+        {"name": "a", "runs": [_run("ternlm", 1, 30.0), _run("baseline-f16", 2, 5.0),
+                               _run("ternlm", 2, 50.0, joules_per_token=2.0, prefill_tok_s=300.0)]},
+        {"name": "b", "runs": [_run("ternlm", 2, 20.0), {"engine": "ternlm", "threads": 4, "status": "skipped"}]},
     ]}))
+    # by default: the first model's ternlm run with the most threads
     assert tco.read_bench(path) == {"decode_tokens_per_s": 50.0, "prefill_tokens_per_s": 300.0, "watts": 100.0}
-    assert tco.read_bench(path, 1) == {"decode_tokens_per_s": 20.0}
+    assert tco.read_bench(path, 0) == {"decode_tokens_per_s": 30.0}
+    assert tco.read_bench(path, 2) == {"decode_tokens_per_s": 20.0}
     s = build_scenario(example=True, bench=path, overrides={"idle_watts": 40})
     assert (s.onprem.decode_tokens_per_s, s.onprem.watts, s.onprem.idle_watts) == (50.0, 100.0, 40.0)
     assert any("bench.json" in note for note in s.notes)
-    with pytest.raises(ParamError, match=r"--bench-result 2 is out of range: .* has 2 result"):
-        tco.read_bench(path, 2)
+    with pytest.raises(ParamError, match=r"--bench-result 3 is out of range: .* has 3 ternlm run"):
+        tco.read_bench(path, 3)
+
+
+def test_reads_what_ternlm_bench_writes(tmp_path: Path) -> None:
+    from ternlm import bench
+
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps(bench.run_bench(sizes=["125M"], threads=[1], pp=4, tg=2, reps=1,
+                                               baseline_precision=None, progress=False, out=io.StringIO())))
+    figures = tco.read_bench(path)
+    assert figures["decode_tokens_per_s"] > 0 and figures["prefill_tokens_per_s"] > 0 and figures["watts"] > 0
 
 
 @pytest.mark.parametrize(("doc", "message"), [
-    ({"results": []}, "no non-empty 'results' list"),
-    ([1, 2], "no non-empty 'results' list"),
-    ({"results": [{"ternary": {"joules_per_token": 1}}]}, r"no results\[\*\]\.ternary\.decode_tokens_per_s"),
-    ({"results": [{"ternary": {"decode_tokens_per_s": 0}}]}, r"decode_tokens_per_s must be > 0"),
+    ({"models": []}, "no measured ternlm run"),
+    ([1, 2], "no measured ternlm run"),
+    ({"models": [{"name": "a", "runs": [_run("baseline-f16", 1, 3.0)]}]}, "no measured ternlm run"),
+    ({"models": [{"name": "a", "runs": [_run("ternlm", 1, 0)]}]}, r"decode_tok_s must be > 0"),
 ])
 def test_bad_bench_file(tmp_path: Path, doc: object, message: str) -> None:
     path = tmp_path / "bench.json"

@@ -454,11 +454,24 @@ def _flatten(doc: dict[str, Any], source: str) -> dict[str, Any]:
     return values
 
 
+def bench_runs(doc: Any) -> list[tuple[str, dict[str, Any]]]:
+    """The measured ternary runs of a `ternlm bench --json` document (schema ternlm-bench/1), as
+    ("model, N threads", run) in file order: `models[*].runs[*]` with engine "ternlm" and status "ok"."""
+    models = doc.get("models") if isinstance(doc, dict) else None
+    runs = []
+    for m in models if isinstance(models, list) else []:
+        for r in m.get("runs", []) if isinstance(m, dict) else []:
+            if isinstance(r, dict) and r.get("engine") == "ternlm" and r.get("status") == "ok":
+                runs.append((f"{m.get('name')}, {r.get('threads')} threads", r))
+    return runs
+
+
 def read_bench(path: str | Path, index: int | None = None) -> dict[str, float]:
     """Server figures from a `ternlm bench --json` file: decode_tokens_per_s, and when present
     prefill_tokens_per_s and watts (= joules_per_token × decode tokens/s).
 
-    Reads `results[index].ternary`, by default the first result that has `decode_tokens_per_s`.
+    Reads the ternary run number `index` of ``bench_runs`` (models[*].runs[*] with engine "ternlm"), by default
+    the one with the most threads of the first model: a server uses all its cores.
     """
     try:
         doc = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -466,34 +479,27 @@ def read_bench(path: str | Path, index: int | None = None) -> dict[str, float]:
         raise FormatError(f"{path}: cannot read the bench file ({e})") from e
     except json.JSONDecodeError as e:
         raise FormatError(f"{path}: not valid JSON ({e}); expected the output of `ternlm bench --json`") from e
-    results = doc.get("results") if isinstance(doc, dict) else None
-    if not isinstance(results, list) or not results:
-        raise ParamError(f"{path}: no non-empty 'results' list; expected the output of `ternlm bench --json`")
-
-    def ternary(i: int) -> dict[str, Any] | None:
-        entry = results[i]
-        t = entry.get("ternary") if isinstance(entry, dict) else None
-        return t if isinstance(t, dict) and t.get("decode_tokens_per_s") is not None else None
-
+    runs = bench_runs(doc)
+    if not runs:
+        raise ParamError(f"{path}: no measured ternlm run (models[*].runs[*] with engine 'ternlm' and status 'ok'); "
+                         "expected the output of `ternlm bench --json`, or enter --tokens-per-s")
     if index is None:
-        found = [i for i in range(len(results)) if ternary(i) is not None]
-        if not found:
-            raise ParamError(f"{path}: no results[*].ternary.decode_tokens_per_s; enter --tokens-per-s instead")
-        index = found[0]
-    elif not 0 <= index < len(results):
-        raise ParamError(f"--bench-result {index} is out of range: {path} has {len(results)} result(s)")
-    t = ternary(index)
-    if t is None:
-        raise ParamError(f"{path}: results[{index}].ternary.decode_tokens_per_s is missing")
-    where = f"{path}: results[{index}].ternary"
-    out = {"decode_tokens_per_s": _coerce(t["decode_tokens_per_s"], float, f"{where}.decode_tokens_per_s", "pos")}
+        first_model = runs[0][0].rsplit(",", 1)[0]
+        same = [i for i, (label, _) in enumerate(runs) if label.rsplit(",", 1)[0] == first_model]
+        index = max(same, key=lambda i: runs[i][1].get("threads") or 0)
+    elif not 0 <= index < len(runs):
+        raise ParamError(f"--bench-result {index} is out of range: {path} has {len(runs)} ternlm run(s)")
+    label, run = runs[index]
+    where = f"{path}: run {index} ({label})"
+    if run.get("decode_tok_s") is None:
+        raise ParamError(f"{where} has no decode_tok_s")
+    out = {"decode_tokens_per_s": _coerce(run["decode_tok_s"], float, f"{where} decode_tok_s", "pos")}
     if out["decode_tokens_per_s"] <= 0:
-        raise ParamError(f"{where}.decode_tokens_per_s must be > 0, got {t['decode_tokens_per_s']!r}")
-    if t.get("prefill_tokens_per_s") is not None:
-        out["prefill_tokens_per_s"] = _coerce(t["prefill_tokens_per_s"], float, f"{where}.prefill_tokens_per_s",
-                                              "pos")
-    if t.get("joules_per_token") is not None:
-        jpt = _coerce(t["joules_per_token"], float, f"{where}.joules_per_token", "nonneg")
+        raise ParamError(f"{where}: decode_tok_s must be > 0, got {run['decode_tok_s']!r}")
+    if run.get("prefill_tok_s") is not None:
+        out["prefill_tokens_per_s"] = _coerce(run["prefill_tok_s"], float, f"{where} prefill_tok_s", "pos")
+    if run.get("joules_per_token") is not None:
+        jpt = _coerce(run["joules_per_token"], float, f"{where} joules_per_token", "nonneg")
         out["watts"] = jpt * out["decode_tokens_per_s"]
     return out
 

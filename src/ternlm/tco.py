@@ -699,7 +699,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bench", metavar="FILE",
                         help="`ternlm bench --json` output: tokens/s and watts of one server from its results")
     parser.add_argument("--bench-result", type=int, metavar="N",
-                        help="which results[N] of the bench file (default: the first with ternary decode tokens/s)")
+                        help="which ternlm run of the bench file, in file order (default: the first model's "
+                             "run with the most threads)")
     parser.add_argument("--api", action="append", metavar="NAME",
                         help="compare with this API (repeatable; default: the scenario's list, else all)")
     parser.add_argument("--horizon-months", metavar="N", help="months to cover (default 36)")

@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 
-from ternlm import bench, ternary
+from ternlm import bench, bench_report, ternary
 from ternlm.baseline import build_baseline, dequantize_rows
 from ternlm.kvcache import KVCache
 from ternlm.model import Transformer
@@ -169,12 +169,12 @@ def test_energy_meter_reads_rapl_with_wraparound(tmp_path):
 
 
 def test_reports(results, tmp_path):
-    table = bench.format_table(results)
+    table = bench_report.format_table(results)
     assert "tiny" in table and "100B" in table and "skipped" in table and "ternlm" in table
     plots = []
     with contextlib.suppress(bench.TernlmError):  # no matplotlib: the HTML report carries the table alone
-        plots = bench.write_plots(results, tmp_path / "img")
-    html = bench.write_html(results, tmp_path / "r.html", plots).read_text()
+        plots = bench_report.write_plots(results, tmp_path / "img")
+    html = bench_report.write_html(results, tmp_path / "r.html", plots).read_text()
     assert html.count("data:image/png;base64,") == len(plots)
     assert "<script" not in html and "http" not in html.split("<body>")[0]
 

@@ -162,3 +162,17 @@ def test_streams_closed_at_done_are_all_audited(tmp_path: Path) -> None:
                         break
     records = [r for r in open_log(audit).records() if r["route"] == "/v1/completions"]
     assert len(records) == 60 and all(r["status"] == 200 for r in records)
+
+
+def test_idle_keep_alive_connections_close_after_idle_timeout() -> None:
+    with serve_subprocess([*BASE, "--idle-timeout", "1"]) as url:
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            answer = b""
+            while b'{"status":"ok"}' not in answer:
+                answer += s.recv(4096)
+            assert b"200 OK" in answer
+            started = time.monotonic()
+            assert s.recv(4096) == b""  # the server hung up the idle connection
+            assert 0.5 < time.monotonic() - started < 5

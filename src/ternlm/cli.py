@@ -184,8 +184,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
         raise TernlmError("TLS needs both --ssl-certfile and --ssl-keyfile")
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5,
-                limit_concurrency=args.max_connections, ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
-                proxy_headers=False)
+                limit_concurrency=args.max_connections, timeout_keep_alive=args.idle_timeout,
+                ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile, proxy_headers=False)
     return 0
 
 
@@ -319,6 +319,8 @@ SERVE_OPTIONS: list[tuple[str, Callable, object, str]] = [
     ("keep-alive", float, 5.0, "seconds between SSE keep-alive comments while a stream waits"),
     ("log-level", str, "info", "debug, info, warning or error"),
     ("max-connections", int, 256, "concurrent connections; beyond that new ones get 503"),
+    ("idle-timeout", float, 5.0, "seconds an idle keep-alive connection stays open; a proxy in front must close "
+                                 "its idle upstream connections sooner"),
     ("ssl-certfile", str, None, "TLS certificate (PEM); with --ssl-keyfile the server speaks HTTPS"),
     ("ssl-keyfile", str, None, "TLS private key (PEM)"),
     ("cors-origins", str, "", "comma-separated origins allowed to call the API from a browser; empty: none"),

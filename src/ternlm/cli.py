@@ -1,5 +1,5 @@
 """The `ternlm` command: run, chat, info and serve a model; convert, verify, pull, list, rm, export and import
-model files; keys and audit for the server; bench and tco. Model and serve flags also read an environment variable
+model files; keys and audit for the server; eval, bench and tco. Model and serve flags also read an environment variable
 TERNLM_<FLAG>; `serve` also reads a TOML file (--config), with flags > environment > file > defaults."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ if sys.version_info >= (3, 11):
 else:
     import tomli as tomllib
 
-from ternlm import __version__, bench, hub, load, tco
+from ternlm import __version__, bench, evaluate, hub, load, tco
 from ternlm.api import HEAD_TYPES, WEIGHT_LAYOUTS, Model
 from ternlm.errors import TernlmError
 from ternlm.generate import GenerationEvent
@@ -452,6 +452,9 @@ def build_parser(file_values: dict[str, object] | None = None) -> argparse.Argum
     import_p.add_argument("dest", nargs="?", default=None, help="where to unpack (default $TERNLM_HOME/models/NAME)")
     import_p.set_defaults(func=cmd_import)
 
+    eval_p = sub.add_parser("eval", help="perplexity of a text, accuracy on a multiple-choice task (JSON lines)")
+    evaluate.add_arguments(eval_p)
+    eval_p.set_defaults(func=evaluate.run)
     bench_p = sub.add_parser("bench", help="prefill/decode speed, memory and energy against a float baseline, "
                                             "on a model or on dummy models of the published BitNet sizes")
     bench.add_arguments(bench_p)

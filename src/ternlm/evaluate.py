@@ -291,6 +291,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run `ternlm eval perplexity|choice` and print its report."""
+    from ternlm import hub
     from ternlm.api import load
 
     if args.eval_command == "perplexity":
@@ -299,7 +300,7 @@ def run(args: argparse.Namespace) -> int:
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
             raise FormatError(f"{path}: cannot read text file: {e}") from e
-        model = load(args.model, threads=args.threads, n_ctx=args.ctx)
+        model = load(hub.resolve(args.model), threads=args.threads, n_ctx=args.ctx)
         r = perplexity(model, text, ctx=args.ctx, stride=args.stride, max_tokens=args.max_tokens)
         if args.json:
             print(json.dumps(asdict(r)))
@@ -311,7 +312,7 @@ def run(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise ParamError(f"--limit must be at least 1, got {args.limit}")
     items = load_task(args.task, args.limit)
-    model = load(args.model, threads=args.threads)
+    model = load(hub.resolve(args.model), threads=args.threads)
     r = evaluate_choice(model, items)
     if args.json:
         print(json.dumps(asdict(r)))

@@ -149,6 +149,14 @@ def create_app(model: Model | Callable[[], Model], config: ServerConfig | None =
             raise APIError(400, "request body must be a JSON object")
         return body
 
+    async def parse(request: Request, cls: type) -> tuple[Model, Engine, dict[str, Any], Any]:
+        """The model, engine, raw body and validated request of a completion route."""
+        model, engine = ready()
+        body = await read_json(request)
+        req = _parse(cls, body)
+        check_model(req.model)
+        return model, engine, body, req
+
     async def admit(request: Request, model: Model, ids: list[int], req: ChatRequest | CompletionRequest,
                     prompt_text: str | None) -> Reservation:
         """Fill the request's audit record and take its tokens from the caller's rate-limit budget."""
@@ -172,7 +180,7 @@ def create_app(model: Model | Callable[[], Model], config: ServerConfig | None =
         answered before, else from `make()` (which runs the model); the unused reserved tokens go back."""
         rec, used = access.request_record(request), reservation.tokens
         try:
-            key = cache_key(request.url.path, state.name, body)
+            key = cache_key(request.url.path, state.name, body) if guard.cache is not None else None
             cached = await guard.cached(key)
             if cached is not None:
                 usage = json.loads(cached).get("usage", {})
@@ -264,10 +272,7 @@ def create_app(model: Model | Callable[[], Model], config: ServerConfig | None =
 
     @app.post("/v1/chat/completions", openapi_extra=_body(ChatRequest.model_json_schema()))
     async def chat_completions(request: Request) -> Response:
-        model, engine = ready()
-        body = await read_json(request)
-        req = _parse(ChatRequest, body)
-        check_model(req.model)
+        model, engine, body, req = await parse(request, ChatRequest)
         tools = _active_tools(req)
         messages = [_masked_message(m, guard.mask_input) for m in req.messages]
         if tools:
@@ -300,10 +305,7 @@ def create_app(model: Model | Callable[[], Model], config: ServerConfig | None =
 
     @app.post("/v1/completions", openapi_extra=_body(CompletionRequest.model_json_schema()))
     async def completions(request: Request) -> Response:
-        model, engine = ready()
-        body = await read_json(request)
-        req = _parse(CompletionRequest, body)
-        check_model(req.model)
+        model, engine, body, req = await parse(request, CompletionRequest)
         prompt = guard.mask_input(req.prompt) if isinstance(req.prompt, str) else None
         ids = (_tokenizer(model).encode(prompt) if prompt is not None
                else [int(i) for i in model.check_ids(req.prompt)])

@@ -18,6 +18,7 @@ from ternlm.audit import open_log
 from ternlm.keys import KeyStore
 from ternlm.metrics import Metrics
 from ternlm.server import ServerConfig, create_app
+from tiny_models import toy_model_path
 
 CHAT = {"model": "default", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "temperature": 0,
         "ignore_eos": True}
@@ -42,7 +43,7 @@ ROUTES: list[tuple[str, str, dict | None, set[str] | None]] = [
 
 @pytest.fixture(scope="module")
 def model() -> ternlm.Model:
-    return ternlm.load()
+    return ternlm.load(toy_model_path())
 
 
 def serve(model: ternlm.Model, **access: object) -> Iterator[TestClient]:

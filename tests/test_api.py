@@ -11,6 +11,7 @@ import pytest
 import ternlm
 from ternlm import kernels
 from ternlm.cli import main
+from tiny_models import toy_model_path
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +67,7 @@ def test_chat_uses_bitnet_template(model: ternlm.Model) -> None:
 
 def test_info_reports_sizes(model: ternlm.Model) -> None:
     info = model.info()
-    assert info["arch"] == "bitnet" and info["layers"] == 4 and info["tied_embeddings"]
+    assert info["arch"] == "bitnet" and info["layers"] == model.config.n_layers and info["tied_embeddings"]
     assert info["ternary_bytes"] == sum(lin.packed.nbytes for layer in model.weights.layers
                                         for lin in layer.linears())
 
@@ -103,7 +104,7 @@ def test_q8_head_is_close_to_float_head() -> None:
     """The default Q8_0 head (and tied embedding) moves logits by a few % of their spread (int8 activation
     roundings flip downstream of the quantized embedding), and keeps the argmax almost everywhere."""
     exact, q8 = ternlm.load(head="float"), ternlm.load()
-    assert q8.info()["head_dtype"] == "Q8_0" and exact.info()["head_dtype"] == "F16"
+    assert q8.info()["head_dtype"] == "Q8_0" and exact.info()["head_dtype"] in ("F16", "F32")
     assert q8.info()["head_bytes"] < 0.55 * exact.info()["head_bytes"]
     tokens = list(np.random.default_rng(0).integers(0, 256, 200))
     a, b = exact.logits(tokens), q8.logits(tokens)
@@ -149,9 +150,10 @@ def test_decode_batch_equals_separate_decodes(model: ternlm.Model) -> None:
         t.decode_batch(np.array([1, 2]), caches, [1, 2, 3])
 
 
-def test_tq1_weights_give_identical_logits(model: ternlm.Model) -> None:
-    """The 1.6-bit layout holds the same ternary values: the same logits (prefill and decode)."""
-    tq1 = ternlm.load(weights="tq1")
+def test_tq1_weights_give_identical_logits() -> None:
+    """The 1.6-bit layout holds the same ternary values: the same logits (prefill and decode). On the toy
+    model, whose 640-wide FFN the 2-bit layout pads to 768 and the 1.6-bit one does not pad."""
+    model, tq1 = ternlm.load(toy_model_path()), ternlm.load(toy_model_path(), weights="tq1")
     info, base = tq1.info(), model.info()
     assert info["ternary_layout"] == "tq1" and base["ternary_layout"] == "i2"
     assert info["ternary_bytes"] == sum(lin.packed.nbytes for layer in tq1.weights.layers for lin in layer.linears())

@@ -33,12 +33,13 @@ from ternlm.errors import FormatError, ParamError, TernlmError
 from ternlm.formats import LoadedModel, open_model
 from ternlm.formats.gguf_write import LLAMA3_REGEX, quantize_q6_k, tq2_0_bytes, write_gguf
 from ternlm.layers import FloatMatrix, TernaryLinear
+from tiny_models import toy_model_path
 
 gguf = pytest.importorskip("gguf", reason="writing GGUF needs the gguf package")
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")  # transformers' bitnet code is torch.compile'd: 60 s
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-DEFAULT = ternlm.api.default_model_path()
+DEFAULT = toy_model_path()  # F16 embedding, 640-wide FFN: exact F16 round trips, F16 fallback rows
 TOKENS = [int(t) for t in np.random.default_rng(1).integers(0, 300, 64)]
 QT = gguf.GGMLQuantizationType
 TOLERANCE = {"mean_rel": 0.03, "max_rel": 0.025, "cos_min": 0.998, "top1": 0.95}  # see the module docstring

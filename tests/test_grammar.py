@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-import ternlm
 from ternlm.errors import ParamError, ShapeError, TernlmError
 from ternlm.grammar import Constraint, constraint_for, parse_tool_calls, prepare, tool_call_schema
 from ternlm.tokenizer import Tokenizer
+from tiny_models import toy_model_path
 
-SHIPPED = Path(ternlm.__file__).parent / "models" / "default"
-SHIPPED_VOCAB = json.loads((SHIPPED / "config.json").read_text())["vocab_size"]  # 320 rows for 259 ids
+TOY = toy_model_path()  # a byte-level tokenizer: one token per digit
+TOY_VOCAB = json.loads((TOY / "config.json").read_text())["vocab_size"]  # 320 rows for 259 ids
 
 PERSON = {
     "type": "object",
@@ -45,9 +44,9 @@ TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
 
 
 @pytest.fixture(scope="module")
-def shipped() -> Tokenizer:
-    """The shipped model's tokenizer: 256 byte ids + 3 specials, under a 320-row embedding."""
-    return Tokenizer.from_dir(SHIPPED)
+def toy() -> Tokenizer:
+    """The toy model's tokenizer: 256 byte ids + 3 specials, under a 320-row embedding."""
+    return Tokenizer.from_dir(TOY)
 
 
 def sample(c: Constraint, tok: Tokenizer, vocab: int, seed: int, max_steps: int = 4000) -> tuple[str, int]:
@@ -89,75 +88,75 @@ def test_json_object_random_sampler_gives_valid_json(byte_tokenizer: Tokenizer, 
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_json_schema_random_sampler_validates(shipped: Tokenizer, seed: int) -> None:
+def test_json_schema_random_sampler_validates(toy: Tokenizer, seed: int) -> None:
     fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
-    c = constraint_for(fmt, shipped, SHIPPED_VOCAB)
-    text, _ = sample(c, shipped, SHIPPED_VOCAB, seed)
+    c = constraint_for(fmt, toy, TOY_VOCAB)
+    text, _ = sample(c, toy, TOY_VOCAB, seed)
     check_person(json.loads(text))
 
 
-def test_complete_output_allows_only_eos_and_stays_done(shipped: Tokenizer) -> None:
-    c = constraint_for({"type": "json_object"}, shipped, SHIPPED_VOCAB)
+def test_complete_output_allows_only_eos_and_stays_done(toy: Tokenizer) -> None:
+    c = constraint_for({"type": "json_object"}, toy, TOY_VOCAB)
     assert not c.done()
-    assert not c.allowed()[sorted(shipped.eos_ids)].any()  # EOS only once the JSON is complete
-    for t in shipped.encode('{"a": [1, 2.5, "x"]}', add_bos=False):
+    assert not c.allowed()[sorted(toy.eos_ids)].any()  # EOS only once the JSON is complete
+    for t in toy.encode('{"a": [1, 2.5, "x"]}', add_bos=False):
         c.accept(t)
     assert c.done()
-    assert set(np.flatnonzero(c.allowed())) == shipped.eos_ids
-    eos = min(shipped.eos_ids)
+    assert set(np.flatnonzero(c.allowed())) == toy.eos_ids
+    eos = min(toy.eos_ids)
     c.accept(eos)
     c.accept(eos)
     assert c.done()
 
 
-def test_cached_grammar_gives_independent_states(shipped: Tokenizer) -> None:
-    prepare(shipped)
-    first = constraint_for({"type": "json_object"}, shipped, SHIPPED_VOCAB)
-    for t in shipped.encode("{}", add_bos=False):
+def test_cached_grammar_gives_independent_states(toy: Tokenizer) -> None:
+    prepare(toy)
+    first = constraint_for({"type": "json_object"}, toy, TOY_VOCAB)
+    for t in toy.encode("{}", add_bos=False):
         first.accept(t)
-    second = constraint_for({"type": "json_object"}, shipped, SHIPPED_VOCAB)  # same schema: a cached copy
+    second = constraint_for({"type": "json_object"}, toy, TOY_VOCAB)  # same schema: a cached copy
     assert first.done() and not second.done()
-    (brace,) = shipped.encode("{", add_bos=False)
+    (brace,) = toy.encode("{", add_bos=False)
     assert second.allowed()[brace]
 
 
-def test_mask_never_allows_padding_rows(shipped: Tokenizer) -> None:
-    assert shipped.vocab_size < SHIPPED_VOCAB
-    c = constraint_for({"type": "json_object"}, shipped, SHIPPED_VOCAB)
-    for t in shipped.encode('{"k": "', add_bos=False):
+def test_mask_never_allows_padding_rows(toy: Tokenizer) -> None:
+    assert toy.vocab_size < TOY_VOCAB
+    c = constraint_for({"type": "json_object"}, toy, TOY_VOCAB)
+    for t in toy.encode('{"k": "', add_bos=False):
         c.accept(t)
-    logits = np.zeros(SHIPPED_VOCAB, dtype=np.float32)
+    logits = np.zeros(TOY_VOCAB, dtype=np.float32)
     c.mask_logits(logits)
-    assert np.isneginf(logits[shipped.vocab_size :]).all()
+    assert np.isneginf(logits[toy.vocab_size :]).all()
     # Inside a string: printable ASCII and UTF-8 lead bytes (continuation bytes and controls are not).
-    assert np.isfinite(logits[: shipped.vocab_size]).sum() > 140
+    assert np.isfinite(logits[: toy.vocab_size]).sum() > 140
     with pytest.raises(TernlmError):
-        c.accept(SHIPPED_VOCAB - 1)
+        c.accept(TOY_VOCAB - 1)
     with pytest.raises(ShapeError):
-        c.mask_logits(np.zeros(shipped.vocab_size, dtype=np.float32))
+        c.mask_logits(np.zeros(toy.vocab_size, dtype=np.float32))
 
 
-def test_disallowed_token_raises_and_leaves_state(shipped: Tokenizer) -> None:
-    c = constraint_for({"type": "json_object"}, shipped, SHIPPED_VOCAB)
-    (x,) = shipped.encode("x", add_bos=False)
+def test_disallowed_token_raises_and_leaves_state(toy: Tokenizer) -> None:
+    c = constraint_for({"type": "json_object"}, toy, TOY_VOCAB)
+    (x,) = toy.encode("x", add_bos=False)
     with pytest.raises(TernlmError, match="not allowed"):
         c.accept(x)
     with pytest.raises(TernlmError):
-        c.accept(min(shipped.eos_ids))  # EOS before the object is complete
-    for t in shipped.encode("{}", add_bos=False):  # the failed accepts changed nothing
+        c.accept(min(toy.eos_ids))  # EOS before the object is complete
+    for t in toy.encode("{}", add_bos=False):  # the failed accepts changed nothing
         c.accept(t)
     assert c.done()
 
 
-def test_mask_matches_accept(shipped: Tokenizer) -> None:
+def test_mask_matches_accept(toy: Tokenizer) -> None:
     fmt = {"type": "json_schema", "json_schema": {"name": "p", "schema": PERSON}}
-    c = constraint_for(fmt, shipped, SHIPPED_VOCAB)
-    for t in shipped.encode('{"name": "Al", "age": ', add_bos=False):
+    c = constraint_for(fmt, toy, TOY_VOCAB)
+    for t in toy.encode('{"name": "Al", "age": ', add_bos=False):
         c.accept(t)
-    whitespace = {shipped.encode(w, add_bos=False)[0] for w in " \t\n\r"}
+    whitespace = {toy.encode(w, add_bos=False)[0] for w in " \t\n\r"}
     allowed = set(np.flatnonzero(c.allowed()).tolist()) - whitespace
-    assert allowed == {shipped.encode(d, add_bos=False)[0] for d in "0123456789"}  # minimum 0: no "-"
-    (quote,) = shipped.encode('"', add_bos=False)
+    assert allowed == {toy.encode(d, add_bos=False)[0] for d in "0123456789"}  # minimum 0: no "-"
+    (quote,) = toy.encode('"', add_bos=False)
     with pytest.raises(TernlmError):
         c.accept(quote)
 
@@ -175,25 +174,25 @@ def test_mask_matches_accept(shipped: Tokenizer) -> None:
     ({"type": "json_schema", "json_schema": {"name": "x", "strict": True,
                                              "schema": {"type": "array", "uniqueItems": True}}}, "uniqueItems"),
 ])
-def test_bad_response_format_raises_param_error(shipped: Tokenizer, fmt: object, match: str) -> None:
+def test_bad_response_format_raises_param_error(toy: Tokenizer, fmt: object, match: str) -> None:
     with pytest.raises(ParamError, match=match):
-        constraint_for(fmt, shipped, SHIPPED_VOCAB)  # type: ignore[arg-type]
+        constraint_for(fmt, toy, TOY_VOCAB)  # type: ignore[arg-type]
 
 
-def test_text_and_lenient_formats(shipped: Tokenizer) -> None:
-    assert constraint_for(None, shipped, SHIPPED_VOCAB) is None
-    assert constraint_for({"type": "text"}, shipped, SHIPPED_VOCAB) is None
+def test_text_and_lenient_formats(toy: Tokenizer) -> None:
+    assert constraint_for(None, toy, TOY_VOCAB) is None
+    assert constraint_for({"type": "text"}, toy, TOY_VOCAB) is None
     lenient = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "array", "uniqueItems": True}}}
-    assert constraint_for(lenient, shipped, SHIPPED_VOCAB) is not None
-    no_schema = constraint_for({"type": "json_schema", "json_schema": {"name": "x"}}, shipped, SHIPPED_VOCAB)
-    (brace,) = shipped.encode("{", add_bos=False)
+    assert constraint_for(lenient, toy, TOY_VOCAB) is not None
+    no_schema = constraint_for({"type": "json_schema", "json_schema": {"name": "x"}}, toy, TOY_VOCAB)
+    (brace,) = toy.encode("{", add_bos=False)
     assert no_schema is not None and np.flatnonzero(no_schema.allowed()).tolist() == [brace]
 
 
-def test_whitespace_runs_are_bounded(shipped: Tokenizer) -> None:
-    c = constraint_for({"type": "json_object"}, shipped, SHIPPED_VOCAB)
-    c.accept(shipped.encode("{", add_bos=False)[0])
-    (nl,) = shipped.encode("\n", add_bos=False)
+def test_whitespace_runs_are_bounded(toy: Tokenizer) -> None:
+    c = constraint_for({"type": "json_object"}, toy, TOY_VOCAB)
+    c.accept(toy.encode("{", add_bos=False)[0])
+    (nl,) = toy.encode("\n", add_bos=False)
     with pytest.raises(TernlmError):
         for _ in range(100):
             c.accept(nl)
@@ -234,11 +233,11 @@ def test_tool_validation(tools: object, choice: object, match: str) -> None:
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_forced_tool_call_round_trip(shipped: Tokenizer, seed: int) -> None:
+def test_forced_tool_call_round_trip(toy: Tokenizer, seed: int) -> None:
     tools = [WEATHER, TIME]
     schema = tool_call_schema(tools, "required")
     fmt = {"type": "json_schema", "json_schema": {"name": "tool_call", "schema": schema}}
-    text, _ = sample(constraint_for(fmt, shipped, SHIPPED_VOCAB), shipped, SHIPPED_VOCAB, seed)
+    text, _ = sample(constraint_for(fmt, toy, TOY_VOCAB), toy, TOY_VOCAB, seed)
     calls = parse_tool_calls(text, tools)
     assert calls is not None and len(calls) == 1, text
     call = calls[0]

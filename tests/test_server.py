@@ -18,16 +18,19 @@ import pytest
 import ternlm
 from ternlm.sampling import log_softmax
 from ternlm.server import serve_subprocess
+from tiny_models import toy_model_path
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say something."}]
 NO_EOS = {"ignore_eos": True}
 
-SERVER_ARGS = ["--threads", "1", "--log-level", "warning"]
+# The toy model: a 2048-token context for the long-prompt tests, and outputs that are cheap to compute.
+SERVER_OPTS = ["--threads", "1", "--log-level", "warning"]
+SERVER_ARGS = [str(toy_model_path()), *SERVER_OPTS]
 
 
 @pytest.fixture(scope="module")
 def model() -> ternlm.Model:
-    return ternlm.load()
+    return ternlm.load(toy_model_path())
 
 
 @pytest.fixture(scope="module")
@@ -333,7 +336,7 @@ def test_token_id_completions_without_tokenizer(tmp_path) -> None:
 
     for name in ("config.json", "model.safetensors"):
         shutil.copy(default_model_path() / name, tmp_path / name)
-    with serve_subprocess([*SERVER_ARGS, str(tmp_path)]) as url:
+    with serve_subprocess([*SERVER_OPTS, str(tmp_path)]) as url:
         body = {"prompt": [1, 2, 3], "max_tokens": 5, "ignore_eos": True, "logprobs": 1, "temperature": 0}
         r = httpx.post(url + "/v1/completions", json=body).json()
         assert r["usage"]["completion_tokens"] == 5 and r["choices"][0]["text"] == ""
@@ -366,5 +369,5 @@ def test_serve_reports_a_model_that_fails_to_load(tmp_path) -> None:
     from ternlm.errors import TernlmError
 
     with pytest.raises(TernlmError, match="could not load the model"), \
-            serve_subprocess([*SERVER_ARGS, str(tmp_path / "missing")]):
+            serve_subprocess([*SERVER_OPTS, str(tmp_path / "missing")]):
         pass

@@ -1,6 +1,7 @@
 """The `ternlm` command: run, chat, info and serve a model; convert, verify, pull, list, rm, export and import
-model files; keys and audit for the server; eval, bench and tco. Model and serve flags also read an environment variable
-TERNLM_<FLAG>; `serve` also reads a TOML file (--config), with flags > environment > file > defaults."""
+model files; keys and audit for the server; train, eval, bench and tco. Model and serve flags also read an
+environment variable TERNLM_<FLAG>; `serve` also reads a TOML file (--config), with flags > environment > file >
+defaults."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ if sys.version_info >= (3, 11):
 else:
     import tomli as tomllib
 
-from ternlm import __version__, bench, evaluate, hub, load, tco
+from ternlm import __version__, bench, evaluate, hub, load, tco, train
 from ternlm.api import HEAD_TYPES, WEIGHT_LAYOUTS, Model
 from ternlm.errors import TernlmError
 from ternlm.generate import GenerationEvent
@@ -455,6 +456,10 @@ def build_parser(file_values: dict[str, object] | None = None) -> argparse.Argum
     eval_p = sub.add_parser("eval", help="perplexity of a text, accuracy on a multiple-choice task (JSON lines)")
     evaluate.add_arguments(eval_p)
     eval_p.set_defaults(func=evaluate.run)
+    train_p = sub.add_parser("train", help="train a ternary (BitNet b1.58) model from text files, or fine-tune one "
+                                           "(needs the train extra: PyTorch)")
+    train.add_arguments(train_p)
+    train_p.set_defaults(func=train.run)
     bench_p = sub.add_parser("bench", help="prefill/decode speed, memory and energy against a float baseline, "
                                             "on a model or on dummy models of the published BitNet sizes")
     bench.add_arguments(bench_p)

@@ -450,14 +450,14 @@ def test_llama_cpp_tokenizes_like_ternlm(tmp_path: Path, byte_tokenizer_dir: Pat
 # ---- reading the file back (needs ternlm's GGUF reader) -------------------------------------------
 
 
-def close_to(ours: np.ndarray, ref: np.ndarray, what: str) -> None:
+def close_to(ours: np.ndarray, ref: np.ndarray, what: str, median: float = 1e-3) -> None:
     """The foundation tests' tolerance (tests/test_model.py check_close, which explains it)."""
     per_position = np.mean(np.abs(ours - ref), axis=-1) / np.std(ref)
     top1 = float(np.mean(ours.argmax(-1) == ref.argmax(-1)))
     summary = (f"{what}: relative diff median {np.median(per_position):.1e}, mean {per_position.mean():.1e}, "
                f"max {per_position.max():.1e}, top-1 {top1:.0%}")
     print(summary)
-    assert np.median(per_position) < 1e-3 and per_position.mean() < 1e-2, summary
+    assert np.median(per_position) < median and per_position.mean() < 1e-2, summary
     assert per_position.max() < 0.1 and top1 >= 0.95, summary
 
 
@@ -478,7 +478,17 @@ def test_round_trip_through_gguf(checkpoints: dict[str, Path], tmp_path: Path, a
     for text in TEXTS:
         assert model.tokenizer.encode(text) == source.tokenizer.encode(text), text
     tokens = TOKENS + TOKENS[::-1]
-    close_to(model.logits(tokens), hf_logits(checkpoints[arch], tokens), f"{arch} {ternary_type} vs transformers")
+    ours = model.logits(tokens)
+    # The file holds the checkpoint's ternary codes, scales and norms exactly, so ternlm reading the checkpoint
+    # itself gives the same logits: bit for bit (bitnet_relu2), or 9.5e-7 off (llama: F16 rounds one bf16 head
+    # value below its normal range). Machine-independent: both sides run the same kernels on the same values.
+    np.testing.assert_allclose(ours, ternlm.load(checkpoints[arch], head="float", cache=False).logits(tokens),
+                               rtol=0, atol=1e-5)
+    # Against transformers, one int8 rounding flip at position p moves every later position by ~5e-3 (the later
+    # queries read p's changed keys and values; that ~3e-4 change flips a few roundings at each of them). Where
+    # the first flip falls depends on the machine's float summation order: here a 1-ulp difference in one
+    # layer-0 activation at position 57 of 128 gives a median of 3.3e-3. A real bug moves positions by ~1.
+    close_to(ours, hf_logits(checkpoints[arch], tokens), f"{arch} {ternary_type} vs transformers", median=1e-2)
 
 
 def test_default_model_round_trip(default_model: LoadedModel, tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -191,3 +192,14 @@ def test_cli_trains_and_the_model_runs(tmp_path, capsys) -> None:
     assert len(list(model.generate("Call me", max_tokens=5, temperature=0.0))) >= 1
     assert cli_main(["train", str(tmp_path / "missing.txt"), "-o", str(tmp_path / "x")]) == 1
     assert "no such file" in capsys.readouterr().err
+
+
+def test_distillation_pulls_the_student_to_the_teacher(tmp_path, trained) -> None:
+    run, files, _ = trained
+    settings = replace(tiny_settings(25, dim=32, ffn_dim=64), distill_weight=1.0, distill_temperature=2.0)
+    train(files, tmp_path / "student", settings, teacher=run, threads=1, progress=False)
+    kl = losses(tmp_path / "student")  # with weight 1 the logged loss is T² · KL(teacher || student)
+    assert np.mean(kl[-5:]) < 0.5 * np.mean(kl[:3]), kl
+    assert (tmp_path / "student" / "tokenizer.json").read_bytes() == (run / "tokenizer.json").read_bytes()
+    with pytest.raises(ParamError, match="teacher"):
+        train(files, tmp_path / "none", settings, threads=1, progress=False)

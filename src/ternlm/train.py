@@ -61,6 +61,8 @@ class TrainSettings:
     seed: int = 0
     grad_clip: float = 1.0
     arch: dict = field(default_factory=dict)  # qat.ArchConfig fields other than vocab_size
+    distill_weight: float = 0.0  # with a teacher: loss = (1 - w) * cross-entropy + w * KL(teacher || student)
+    distill_temperature: float = 1.0
 
 
 # ---- tokenizer and corpus -------------------------------------------------------------------------------
@@ -142,6 +144,20 @@ def _param_groups(model):
     return [{"params": decay, "decay": True}, {"params": rest, "decay": False, "weight_decay": 0.0}]
 
 
+def distill_loss(model, teacher, ids, weight: float, temperature: float):
+    """(1 - weight) × next-token cross-entropy + weight × T² × KL(teacher ‖ student) of the softened
+    distributions, per predicted token; the teacher must share the student's tokenizer."""
+    import torch
+    import torch.nn.functional as F
+
+    logits = model(ids[:, :-1]).flatten(0, 1).float()
+    ce = F.cross_entropy(logits, ids[:, 1:].reshape(-1))
+    with torch.no_grad():
+        target = F.log_softmax(teacher(ids[:, :-1]).flatten(0, 1).float() / temperature, dim=-1)
+    kl = F.kl_div(F.log_softmax(logits / temperature, dim=-1), target, log_target=True, reduction="batchmean")
+    return (1 - weight) * ce + weight * temperature ** 2 * kl
+
+
 def evaluate_loss(model, data: np.ndarray, seq_len: int, windows: int = 16) -> float:
     """Mean loss over `windows` evenly spaced windows of held-out ids (the same ones every time)."""
     import torch
@@ -159,10 +175,13 @@ def evaluate_loss(model, data: np.ndarray, seq_len: int, windows: int = 16) -> f
 def train(files: list[Path], out: Path, settings: TrainSettings, *, vocab_size: int = 4096,
           val_file: Path | None = None, init: Path | None = None, resume: bool = False,
           checkpoint_every: int = 200, eval_every: int = 200, threads: int | None = None,
-          device: str = "cpu", progress: bool = True, stop_at: int | None = None) -> Path:
+          device: str = "cpu", progress: bool = True, stop_at: int | None = None,
+          teacher: Path | None = None) -> Path:
     """Train (or resume, or fine-tune from `init`) and export; returns the exported model directory.
 
     `stop_at` ends this invocation after that step (checkpointed and exported); `resume` goes on from there.
+    `teacher` (a run directory or exported model with the same tokenizer) is distilled from when
+    settings.distill_weight > 0.
     """
     import torch
     from tqdm import tqdm
@@ -179,28 +198,39 @@ def train(files: list[Path], out: Path, settings: TrainSettings, *, vocab_size: 
         if state["settings"] != asdict(settings):
             raise ParamError(f"{ckpt_path}: saved with other settings; resume with the same ones "
                              f"(saved: {state['settings']})")
-    tok_dir = out
-    if init is not None:
-        tok_dir = init if (init / "tokenizer.json").is_file() else init.parent
+    if settings.distill_weight > 0 and teacher is None:
+        raise ParamError("distill_weight > 0 needs a teacher model")
+    source = init or (teacher if settings.distill_weight > 0 else None)  # whose tokenizer the run keeps
+    if source is not None:
         for name in ("tokenizer.json", "tokenizer_config.json"):
-            (out / name).write_bytes((tok_dir / name).read_bytes())
-        tok_dir = out
+            if not (source / name).is_file():
+                raise FormatError(f"{source}: no {name}; --init and --teacher take a run directory or an export")
+            (out / name).write_bytes((source / name).read_bytes())
     elif not (out / "tokenizer.json").is_file():
         train_tokenizer(read_texts(files), vocab_size, out)
-    data = encode_corpus(read_texts(files), tok_dir)
-    val = encode_corpus(read_texts([val_file]), tok_dir) if val_file else None
-    bos, eos_ids = special_ids(tok_dir)
+    data = encode_corpus(read_texts(files), out)
+    val = encode_corpus(read_texts([val_file]), out) if val_file else None
+    bos, eos_ids = special_ids(out)
 
     torch.manual_seed(settings.seed)
-    if init is not None and state is None:
+    if state is not None:  # the checkpoint's shape, whatever the model was initialised from
+        arch = qat.ArchConfig(**state["arch"])
+        model = qat.BitNetLM(arch).to(device)
+    elif init is not None:
         model = load_for_training(init, device)
         arch = model.cfg
     else:
         from tokenizers import Tokenizer
 
-        n_vocab = Tokenizer.from_file(str(tok_dir / "tokenizer.json")).get_vocab_size()
+        n_vocab = Tokenizer.from_file(str(out / "tokenizer.json")).get_vocab_size()
         arch = qat.ArchConfig(vocab_size=n_vocab, **settings.arch)
         model = qat.BitNetLM(arch).to(device)
+    teacher_model = None
+    if settings.distill_weight > 0:
+        teacher_model = load_for_training(teacher, device).eval()
+        if teacher_model.cfg.vocab_size != arch.vocab_size:
+            raise ParamError(f"teacher {teacher} has {teacher_model.cfg.vocab_size} ids, the student "
+                             f"{arch.vocab_size}: distillation needs the same tokenizer")
     opt = torch.optim.AdamW(_param_groups(model), lr=settings.schedule.lr, betas=(0.9, 0.95), eps=1e-8)
     step = 0
     if state is not None:
@@ -228,7 +258,9 @@ def train(files: list[Path], out: Path, settings: TrainSettings, *, vocab_size: 
         total = 0.0
         for micro in range(settings.accum):
             ids = torch.from_numpy(batch(data, settings, step, micro).astype(np.int64)).to(device)
-            loss = model.loss(ids) / settings.accum
+            loss = (model.loss(ids) if teacher_model is None else
+                    distill_loss(model, teacher_model, ids, settings.distill_weight, settings.distill_temperature))
+            loss = loss / settings.accum
             loss.backward()
             total += loss.item()
         torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
@@ -248,7 +280,7 @@ def train(files: list[Path], out: Path, settings: TrainSettings, *, vocab_size: 
             save()
     bar.close()
     log.close()
-    exported = qat.export(model.cpu(), out / "model", tok_dir, bos, eos_ids)
+    exported = qat.export(model.cpu(), out / "model", out, bos, eos_ids)
     if arch.quant:  # the same model as one memory-mapped file in the kernels' layout
         from ternlm.formats.native import convert_native
 
@@ -344,6 +376,12 @@ def add_arguments(p) -> None:
     g.add_argument("--init", type=Path,
                    help="fine-tune: start from this run directory or exported model (its tokenizer and shape)")
     g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt if it exists")
+    g.add_argument("--teacher", type=Path,
+                   help="distil from this model (a run directory or export, whose tokenizer is kept), e.g. a "
+                        "--no-quant run")
+    g.add_argument("--distill-weight", type=float, default=0.5,
+                   help="with --teacher: weight of the KL term against cross-entropy (default 0.5)")
+    g.add_argument("--distill-temperature", type=float, default=1.0, help="with --teacher: softening (default 1)")
     g.add_argument("--stop-at", type=int, help="stop (checkpointed and exported) after this step; --resume goes on")
     g.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints (default 200)")
     g.add_argument("--eval-every", type=int, default=200, help="steps between held-out losses (default 200)")
@@ -361,7 +399,8 @@ def settings_from_args(args) -> TrainSettings:
     schedule = Schedule(steps=args.steps, lr=args.lr, warmup=args.warmup, stage2_at=args.stage2_at,
                         weight_decay=args.weight_decay)
     return TrainSettings(schedule=schedule, batch_size=args.batch_size, seq_len=args.seq_len, accum=args.accum,
-                         seed=args.seed, arch=arch)
+                         seed=args.seed, arch=arch, distill_weight=args.distill_weight if args.teacher else 0.0,
+                         distill_temperature=args.distill_temperature)
 
 
 def run(args) -> int:
@@ -372,6 +411,6 @@ def run(args) -> int:
     out = train(text_files(args.text), args.out, settings_from_args(args), vocab_size=args.vocab_size,
                 val_file=args.val, init=args.init, resume=args.resume, checkpoint_every=args.checkpoint_every,
                 eval_every=args.eval_every, threads=args.threads, device=args.device, progress=not args.quiet,
-                stop_at=args.stop_at)
+                stop_at=args.stop_at, teacher=args.teacher)
     print(f"model: {out}  (ternlm run {out})")
     return 0

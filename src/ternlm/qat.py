@@ -9,7 +9,7 @@ the engine measures on its export. Needs the `train` extra (torch); nothing here
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -17,27 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ternlm.train import ArchConfig
+
 EPS = 1e-5  # the quantizers' floor on absmax / absmean, as in BitNet and the engine
 NORM_EPS = 1e-5
-
-
-@dataclass(frozen=True)
-class ArchConfig:
-    """The model's shape; the same numbers go into the exported config.json."""
-
-    vocab_size: int
-    dim: int = 256
-    n_layers: int = 6
-    n_heads: int = 8
-    n_kv_heads: int = 4
-    ffn_dim: int = 640
-    max_seq_len: int = 2048
-    rope_theta: float = 10_000.0
-    quant: bool = True  # False: the same network with plain float linears (the full-precision control)
-
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
 
 
 def quantize_activations(x: torch.Tensor) -> torch.Tensor:

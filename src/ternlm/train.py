@@ -26,6 +26,25 @@ CHECKPOINT = "checkpoint.pt"
 
 
 @dataclass(frozen=True)
+class ArchConfig:
+    """The model's shape; the same numbers go into the exported config.json."""
+
+    vocab_size: int
+    dim: int = 256
+    n_layers: int = 6
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    ffn_dim: int = 768
+    max_seq_len: int = 512
+    rope_theta: float = 10_000.0
+    quant: bool = True  # False: the same network with plain float linears (the full-precision control)
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+
+@dataclass(frozen=True)
 class Schedule:
     """Learning rate and weight decay per optimizer step."""
 
@@ -55,12 +74,12 @@ class TrainSettings:
     """Everything that decides the trained weights; saved in the checkpoint so a resume cannot drift."""
 
     schedule: Schedule
-    batch_size: int = 16
-    seq_len: int = 256
+    batch_size: int = 8
+    seq_len: int = 512
     accum: int = 1  # micro-batches per optimizer step
     seed: int = 0
     grad_clip: float = 1.0
-    arch: dict = field(default_factory=dict)  # qat.ArchConfig fields other than vocab_size
+    arch: dict = field(default_factory=dict)  # ArchConfig fields other than vocab_size
     distill_weight: float = 0.0  # with a teacher: loss = (1 - w) * cross-entropy + w * KL(teacher || student)
     distill_temperature: float = 1.0
 
@@ -206,15 +225,16 @@ def train(files: list[Path], out: Path, settings: TrainSettings, *, vocab_size: 
             if not (source / name).is_file():
                 raise FormatError(f"{source}: no {name}; --init and --teacher take a run directory or an export")
             (out / name).write_bytes((source / name).read_bytes())
-    elif not (out / "tokenizer.json").is_file():
-        train_tokenizer(read_texts(files), vocab_size, out)
-    data = encode_corpus(read_texts(files), out)
+    texts = read_texts(files)
+    if source is None and not (out / "tokenizer.json").is_file():
+        train_tokenizer(texts, vocab_size, out)
+    data = encode_corpus(texts, out)
     val = encode_corpus(read_texts([val_file]), out) if val_file else None
     bos, eos_ids = special_ids(out)
 
     torch.manual_seed(settings.seed)
     if state is not None:  # the checkpoint's shape, whatever the model was initialised from
-        arch = qat.ArchConfig(**state["arch"])
+        arch = ArchConfig(**state["arch"])
         model = qat.BitNetLM(arch).to(device)
     elif init is not None:
         model = load_for_training(init, device)
@@ -223,7 +243,7 @@ def train(files: list[Path], out: Path, settings: TrainSettings, *, vocab_size: 
         from tokenizers import Tokenizer
 
         n_vocab = Tokenizer.from_file(str(out / "tokenizer.json")).get_vocab_size()
-        arch = qat.ArchConfig(vocab_size=n_vocab, **settings.arch)
+        arch = ArchConfig(vocab_size=n_vocab, **settings.arch)
         model = qat.BitNetLM(arch).to(device)
     teacher_model = None
     if settings.distill_weight > 0:
@@ -300,14 +320,14 @@ def load_for_training(path: Path, device: str = "cpu"):
     ckpt = path / CHECKPOINT
     if ckpt.is_file():
         state = torch.load(ckpt, weights_only=False, map_location=device)
-        model = qat.BitNetLM(qat.ArchConfig(**state["arch"])).to(device)
+        model = qat.BitNetLM(ArchConfig(**state["arch"])).to(device)
         model.load_state_dict(state["model"])
         return model
     raw = json.loads((path / "config.json").read_text())
     fields = raw.get("ternlm_training")
     if not fields:
         raise FormatError(f"{path}/config.json: not a model exported by ternlm train (no ternlm_training key)")
-    model = qat.BitNetLM(qat.ArchConfig(**fields)).to(device)
+    model = qat.BitNetLM(ArchConfig(**fields)).to(device)
     tensors = load_file(str(path / "model.safetensors"))
     sd = {}
     for name, t in tensors.items():
@@ -351,19 +371,24 @@ def add_arguments(p) -> None:
                    help="run directory: tokenizer, checkpoint.pt, log.jsonl, and the exported model in OUT/model")
     g = p.add_argument_group("model (ignored with --init, which keeps the model's own)")
     g.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary trained on the text (default 4096)")
-    g.add_argument("--dim", type=int, default=256, help="hidden size (default 256)")
-    g.add_argument("--layers", type=int, default=6, help="transformer blocks (default 6)")
-    g.add_argument("--heads", type=int, default=4, help="attention heads (default 4)")
-    g.add_argument("--kv-heads", type=int, default=2, help="key/value heads, for grouped-query attention (default 2)")
-    g.add_argument("--ffn", type=int, default=768, help="FFN width (default 768)")
-    g.add_argument("--ctx", type=int, default=512, help="longest context the model will run (default 512)")
-    g.add_argument("--rope-theta", type=float, default=10_000.0, help="RoPE base (default 10000)")
+    a = asdict(ArchConfig(vocab_size=0))
+    g.add_argument("--dim", type=int, default=a["dim"], help="hidden size (default %(default)s)")
+    g.add_argument("--layers", type=int, default=a["n_layers"], help="transformer blocks (default %(default)s)")
+    g.add_argument("--heads", type=int, default=a["n_heads"], help="attention heads (default %(default)s)")
+    g.add_argument("--kv-heads", type=int, default=a["n_kv_heads"],
+                   help="key/value heads, for grouped-query attention (default %(default)s)")
+    g.add_argument("--ffn", type=int, default=a["ffn_dim"], help="FFN width (default %(default)s)")
+    g.add_argument("--ctx", type=int, default=a["max_seq_len"],
+                   help="longest context the model will run (default %(default)s)")
+    g.add_argument("--rope-theta", type=float, default=a["rope_theta"], help="RoPE base (default %(default)s)")
     g.add_argument("--no-quant", action="store_true",
                    help="train the same network in full precision (float linears): the control for comparisons")
     g = p.add_argument_group("optimization")
     g.add_argument("--steps", type=int, default=2000, help="optimizer steps (default 2000)")
-    g.add_argument("--batch-size", type=int, default=8, help="sequences per micro-batch (default 8)")
-    g.add_argument("--seq-len", type=int, default=512, help="tokens per training sequence (default 512)")
+    g.add_argument("--batch-size", type=int, default=TrainSettings.batch_size,
+                   help="sequences per micro-batch (default %(default)s)")
+    g.add_argument("--seq-len", type=int, default=TrainSettings.seq_len,
+                   help="tokens per training sequence (default %(default)s)")
     g.add_argument("--accum", type=int, default=1, help="micro-batches per step, gradient accumulation (default 1)")
     g.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default 3e-3)")
     g.add_argument("--warmup", type=int, default=100, help="linear warm-up steps (default 100)")

@@ -1,4 +1,4 @@
-"""The web chat page in a headless Chromium, against a real `ternlm serve` on the shipped toy model."""
+"""The web chat page in a headless Chromium, against a real `ternlm serve` on the shipped model."""
 
 from __future__ import annotations
 
@@ -63,8 +63,8 @@ def test_chat_streams_a_reply(server: str, browser: sync_api.Browser) -> None:
     page.evaluate(COUNT_UPDATES_JS)
 
     page.click("summary")
-    page.fill("#temperature", "0")  # greedy: the toy model's reply is the same on every run
-    page.fill("#max-tokens", "1000")  # the toy model is fast: a short reply can reach the page in one read
+    page.fill("#temperature", "0")  # greedy: the reply is the same on every run
+    page.fill("#max-tokens", "400")  # a long reply: a short one from a fast model can reach the page in one read
     page.fill("#input", "Hello from the web chat test")
     page.click("#send")
 

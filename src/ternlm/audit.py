@@ -179,7 +179,8 @@ class AuditLog:
         self._conn: sqlite3.Connection | None = None
         try:
             self._conn = self._connect()
-            self._init_schema(self._conn)
+            with self._exclusive():  # switching to WAL takes a lock SQLite's busy timeout does not wait for
+                self._init_schema(self._conn)
         except sqlite3.DatabaseError as e:
             self.close()
             raise FormatError(f"{self.path} is not a ternlm audit log (SQLite says: {e})") from e

@@ -27,7 +27,7 @@ if sys.platform == "win32":
 
 kernels = Extension(
     "ternlm.kernels._kernels",
-    sources=[f"{KERNELS}/{name}.c" for name in ("_kernels", "threads", "ref", "avx2", "avx512", "neon", "ops")],
+    sources=[f"{KERNELS}/{name}.c" for name in ("_kernels", "threads", "ref", "avx2", "avx512", "amx", "neon", "ops")],
     depends=[f"{KERNELS}/ternary.h"],
     include_dirs=[KERNELS],
     extra_compile_args=extra_compile_args,

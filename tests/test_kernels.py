@@ -122,6 +122,15 @@ def test_gemm_shapes(isa, threads):
         check_ternary(rng, m, 37, 700)
 
 
+def test_gemm_tile_edges(isa, threads):
+    """Token counts and row counts on both sides of the 16-wide tiles, the 32-token L1 / panel switch, and row
+    ranges that leave fewer than 16 rows (those go to the vector kernel)."""
+    rng = np.random.default_rng(30 + threads)
+    for m in (7, 8, 15, 16, 17, 31, 32, 33, 47, 64, 65):
+        for n in (15, 16, 31, 32, 48, 81):
+            check_ternary(rng, m, n, 300)
+
+
 def test_extreme_activations(isa):
     """All activations at ±127 or -128 and all weights ±1: the largest accumulators."""
     k, n = 4096, 8

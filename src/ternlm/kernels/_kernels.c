@@ -15,6 +15,12 @@
 
 #include "ternary.h"
 
+#if TL_HAVE_AMX
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 /* ==== 1. C API ================================================================================== */
 
 static const tl_isa ISAS[] = {
@@ -24,6 +30,11 @@ static const tl_isa ISAS[] = {
     {"avx2", tl_avx2_quantize, tl_avx2_ternary, tl_ref_ternary_tq1, tl_avx2_float, tl_avx2_q8_quantize, tl_avx2_q8, tl_avx2_q4},
     {"avx512vnni", tl_avx512_quantize, tl_avx512_ternary, tl_avx512_ternary_tq1, tl_avx512_float, tl_avx512_q8_quantize, tl_avx512_q8,
      tl_avx512_q4},
+#if TL_HAVE_AMX
+    /* AMX: the ternary matmul of 2+ tokens on tiles; everything else as avx512vnni. */
+    {"amx", tl_avx512_quantize, tl_amx_ternary, tl_avx512_ternary_tq1, tl_avx512_float, tl_avx512_q8_quantize, tl_avx512_q8,
+     tl_avx512_q4},
+#endif
 #endif
 #if defined(__aarch64__)
     {"neon", tl_neon_quantize, tl_neon_ternary, tl_ref_ternary_tq1, tl_neon_float, tl_neon_q8_quantize, tl_neon_q8, tl_neon_q4},
@@ -35,6 +46,15 @@ static const tl_isa *supported[N_ISAS]; /* (n_supported) best last */
 static int n_supported;
 static _Atomic(const tl_isa *) active;
 static pthread_once_t isa_once = PTHREAD_ONCE_INIT;
+
+#if TL_HAVE_AMX
+/* CPUID says AMX-TILE and AMX-INT8; Linux must also let this process use the 8 KB of tile state. */
+static int has_amx(void) {
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !((d >> 24) & 1) || !((d >> 25) & 1)) return 0;
+    return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
+}
+#endif
 
 #if defined(__aarch64__)
 /* neon.c needs the dot-product extension (sdot); NEON itself is baseline on aarch64. */
@@ -60,6 +80,10 @@ static void detect_isas(void) {
             ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                  __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni") &&
                  __builtin_cpu_supports("f16c") && __builtin_cpu_supports("fma");
+#if TL_HAVE_AMX
+        else if (strcmp(ISAS[i].name, "amx") == 0)
+            ok = n_supported > 0 && strcmp(supported[n_supported - 1]->name, "avx512vnni") == 0 && has_amx();
+#endif
 #elif defined(__aarch64__)
         if (strcmp(ISAS[i].name, "neon") == 0) ok = has_dotprod();
 #endif

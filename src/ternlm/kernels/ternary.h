@@ -188,6 +188,13 @@ void tl_avx2_q4(const uint8_t *w, const uint16_t *wd, int64_t k, int64_t r0, int
                 const float *xd, int64_t m, int64_t ldy, float *y);
 void tl_avx2_float(const void *w, int dtype, int64_t k, int64_t r0, int64_t r1, const float *x, int64_t m,
                    int64_t ldy, float *y);
+/* AMX tiles (amx.c): Linux only, since the process must ask the kernel for the tile state. */
+#if defined(__linux__) && (defined(__clang__) || __GNUC__ >= 11)
+#define TL_HAVE_AMX 1
+void tl_amx_ternary(const uint8_t *w, int64_t k_pad, int64_t r0, int64_t r1, const int8_t *xq, const int32_t *sums,
+                    const float *a_scale, const float *w_scale, int64_t ws_stride, int64_t m, int64_t ldy, float *y,
+                    int32_t *acc_out);
+#endif
 void tl_avx512_quantize(const float *x, int64_t m, int64_t k, int64_t k_pad, int8_t *xq, float *a_scale,
                         int32_t *sums);
 void tl_avx512_ternary(const uint8_t *w, int64_t k_pad, int64_t r0, int64_t r1, const int8_t *xq,
@@ -219,6 +226,10 @@ void tl_neon_q4(const uint8_t *w, const uint16_t *wd, int64_t k, int64_t r0, int
                 const float *xd, int64_t m, int64_t ldy, float *y);
 void tl_neon_float(const void *w, int dtype, int64_t k, int64_t r0, int64_t r1, const float *x, int64_t m,
                    int64_t ldy, float *y);
+#endif
+
+#ifndef TL_HAVE_AMX
+#define TL_HAVE_AMX 0
 #endif
 
 /* ---- internal: thread pool (threads.c) ---------------------------------------------------------- */

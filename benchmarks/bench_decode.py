@@ -1,7 +1,7 @@
 """Prefill and decode speed of ternlm on a model, with the memory bandwidth decode achieves.
 
     python benchmarks/make_2b4t_shapes.py            # once: a 2B4T-shaped random model
-    python benchmarks/bench_decode.py [MODEL_DIR] [--threads 1 2] [--pp 128] [--tg 64] [--reps 3]
+    python benchmarks/bench_decode.py [MODEL_DIR] [--threads 1 2] [--pp 128] [--tg 64] [--reps 3] [--isa avx512vnni amx]
 
 Bandwidth achieved = bytes of weights read per token (ternary layers + output head) x tokens/s, printed against
 a read bandwidth measured in the same run (ternlm.kernels.read_bandwidth).
@@ -129,6 +129,8 @@ def main() -> None:
     ap.add_argument("--head", default="q8_0", help="output head precision: q8_0, q4_0 or float")
     ap.add_argument("--weights", default="i2", choices=["i2", "tq1"],
                     help="ternary weight layout: i2 (2 bits/weight) or tq1 (1.6 bits/weight)")
+    ap.add_argument("--isa", nargs="+", default=[kernels.active_isa()],
+                    help="kernel ISAs to measure in turn (default: the best this CPU has; see kernels.available_isas)")
     ap.add_argument("--batch", type=int, nargs="*", default=[],
                     help="also measure decode_batch with these numbers of sequences (aggregate tok/s)")
     args = ap.parse_args()
@@ -149,22 +151,29 @@ def main() -> None:
     print(f"memory: resident after load {rss_after / 1e9:.3f} GB = {rss_after / weights:.2f} x weights; "
           f"peak during load {peak / 1e9:.3f} GB = {peak / (weights + kv):.2f} x (weights + "
           f"{kv / 1e9:.3f} GB KV cache allocated)")
-    for threads in args.threads:
-        kernels.set_threads(threads)
-        bench(model, 8, 4)  # warm up: page in the weights
-        runs = [bench(model, args.pp, args.tg) for _ in range(args.reps)]
-        pp_rate = statistics.median(r[0] for r in runs)
-        tg_rate = statistics.median(r[1] for r in runs)
-        alone, outside = python_overhead(model)
-        bw = kernels.read_bandwidth() / 1e9
-        print(f"ternlm {threads}T: prefill pp{args.pp} {pp_rate:7.1f} tok/s | decode tg{args.tg} {tg_rate:6.1f} tok/s"
-              f" = {tg_rate * gb:5.1f} GB/s of weights, {100 * tg_rate * gb / bw:.0f}% of the {bw:.1f} GB/s measured"
-              f" (ceiling {bw / gb:.1f} tok/s) | python {100 * alone:.1f}% of a decode step alone, "
-              f"{100 * outside:.1f}% of wall time outside kernels")
-        for b in args.batch:
-            rate = statistics.median(bench_batch(model, b, args.tg) for _ in range(args.reps))
-            print(f"ternlm {threads}T: batched decode of {b} sequences {rate:6.1f} tok/s in all "
-                  f"({rate / tg_rate:.2f} x one sequence)")
+    for isa in args.isa:
+        kernels.set_isa(isa)
+        for threads in args.threads:
+            measure(model, args, isa, threads, gb)
+    kernels.set_isa(kernels.available_isas()[-1])
+
+
+def measure(model: ternlm.Model, args: argparse.Namespace, isa: str, threads: int, gb: float) -> None:
+    kernels.set_threads(threads)
+    bench(model, 8, 4)  # warm up: page in the weights
+    runs = [bench(model, args.pp, args.tg) for _ in range(args.reps)]
+    pp_rate = statistics.median(r[0] for r in runs)
+    tg_rate = statistics.median(r[1] for r in runs)
+    alone, outside = python_overhead(model)
+    bw = kernels.read_bandwidth() / 1e9
+    print(f"ternlm {isa} {threads}T: prefill pp{args.pp} {pp_rate:7.1f} tok/s | decode tg{args.tg} {tg_rate:6.1f} "
+          f"tok/s = {tg_rate * gb:5.1f} GB/s of weights, {100 * tg_rate * gb / bw:.0f}% of the {bw:.1f} GB/s measured"
+          f" (ceiling {bw / gb:.1f} tok/s) | python {100 * alone:.1f}% of a decode step alone, "
+          f"{100 * outside:.1f}% of wall time outside kernels")
+    for b in args.batch:
+        rate = statistics.median(bench_batch(model, b, args.tg) for _ in range(args.reps))
+        print(f"ternlm {isa} {threads}T: batched decode of {b} sequences {rate:6.1f} tok/s in all "
+              f"({rate / tg_rate:.2f} x one sequence)")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-/* Ternary matmul for 8 or more tokens on Intel AMX (tdpbssd: 16 x 16 x 64 int8 multiply-adds per instruction).
+/* Ternary matmul for 5 or more tokens on Intel AMX (tdpbssd: 16 x 16 x 64 int8 multiply-adds per instruction).
  *
  * Weights are the A operand: 16 rows x 64 consecutive columns of codes, which is what the 2-bit layout
  * unpacks to with one shift and one mask per 64 bytes, so the weights need no transpose. Activations are
@@ -21,8 +21,8 @@
 #define SLOT_BYTES 8192    /* 4 k-blocks of 64 columns x 32 rows */
 #define PANEL_TOKENS 32    /* above this many tokens, unpack a whole panel */
 #define AHEAD 1            /* blocks unpacked ahead of their use (up to 32 tokens; 2 measured slower) */
-#define MIN_TOKENS 8       /* below this the AVX-512 kernels are faster (measured at 2B4T shapes) */
-#define PREFETCH_BYTES 512 /* per row, ahead of the 64-byte block being unpacked */
+#define MIN_TOKENS 5       /* below this the AVX-512 kernels are faster (measured at 2B4T shapes, 4 and 6 tokens) */
+#define PREFETCH_BYTES 192 /* per row, ahead of the 64-byte block being unpacked (128-1024 measured) */
 
 typedef struct {
     uint8_t palette, start_row, reserved[14];

@@ -209,7 +209,8 @@ def q8_case(rng, m, n, k, outlier=True):
 
 
 Q8_SHAPES = [(1, 1, 32), (1, 5, 64), (1, 9, 96), (1, 37, 2560), (1, 131, 544), (2, 3, 512), (3, 11, 1056), (7, 6, 32),
-              (8, 9, 1056), (11, 5, 544)]  # batched decode: 2 x 4, 2 x 2 and 2 x 1 tiles
+              (8, 9, 1056), (11, 5, 544),  # batched decode: 2 x 4, 2 x 2 and 2 x 1 tiles
+              (6, 16, 64), (7, 48, 544), (16, 33, 2560), (20, 40, 1056), (33, 17, 96)]  # AMX: 16-row, 16-token edges
 
 
 def test_q8_quantize_bit_identical(isa):

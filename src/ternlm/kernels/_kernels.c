@@ -31,8 +31,8 @@ static const tl_isa ISAS[] = {
     {"avx512vnni", tl_avx512_quantize, tl_avx512_ternary, tl_avx512_ternary_tq1, tl_avx512_float, tl_avx512_q8_quantize, tl_avx512_q8,
      tl_avx512_q4},
 #if TL_HAVE_AMX
-    /* AMX: the ternary matmul of 2+ tokens on tiles; everything else as avx512vnni. */
-    {"amx", tl_avx512_quantize, tl_amx_ternary, tl_avx512_ternary_tq1, tl_avx512_float, tl_avx512_q8_quantize, tl_avx512_q8,
+    /* AMX: the ternary and Q8_0 matmuls of several tokens on tiles; everything else as avx512vnni. */
+    {"amx", tl_avx512_quantize, tl_amx_ternary, tl_avx512_ternary_tq1, tl_avx512_float, tl_avx512_q8_quantize, tl_amx_q8,
      tl_avx512_q4},
 #endif
 #endif

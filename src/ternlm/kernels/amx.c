@@ -1,4 +1,4 @@
-/* Ternary matmul for 5 or more tokens on Intel AMX (tdpbssd: 16 x 16 x 64 int8 multiply-adds per instruction).
+/* Ternary and Q8_0 matmuls for several tokens on Intel AMX (tdpbssd: 16 x 16 x 64 int8 multiply-adds per instruction).
  *
  * Weights are the A operand: 16 rows x 64 consecutive columns of codes, which is what the 2-bit layout
  * unpacks to with one shift and one mask per 64 bytes, so the weights need no transpose. Activations are
@@ -7,7 +7,7 @@
  * Up to 32 tokens, weights are unpacked 256 columns at a time into an 8 KB buffer that stays in L1; for
  * more, a 32-row panel of the whole k is unpacked once and reused by every pair of 16-token groups.
  * Fewer than MIN_TOKENS tokens go to the AVX-512 kernels (unpacking weights into tiles costs more than the
- * tiles save there), as do rows left over below 16. */
+ * tiles save there), as do rows left over below 16. The Q8_0 head kernel is further down. */
 #include "ternary.h"
 
 #if TL_HAVE_AMX
@@ -196,5 +196,115 @@ void tl_amx_ternary(const uint8_t *w, int64_t k_pad, int64_t r0, int64_t r1, con
     }
     _tile_release();
     if (r < r1) tl_avx512_ternary(w, k_pad, r, r1, xq, sums, a_scale, w_scale, ws_stride, m, ldy, y, acc_out);
+}
+/* ---- Q8_0 (the LM head) -------------------------------------------------------------------------
+ * One tdpbssd per 32-column block (A: 16 weight rows x 32 bytes straight from the matrix, B: 8 rows of
+ * 16 tokens x 4 bytes), so each block's int32 dot stays separate, as the Q8_0 scales need. ternary.h's
+ * float order sums block b into lane b mod 16: per row and token 16 lane sums, held in L1 as
+ * lanes[row][lane][token], then the halving tree. Tile results reach the vector units through memory;
+ * the tiles run three blocks ahead of that float epilogue. */
+#define Q8_MIN_TOKENS 6 /* below this the AVX-512 kernel is faster (2B4T head: 1 thread 5 vs 6 tokens, 2 threads 4 vs 5) */
+#define Q8_PREFETCH 256 /* bytes ahead in each of the 16 weight rows (256-2048, T0-T2, whole tiles ahead measured) */
+
+/* Block t of the 16 rows at wr (stride k) x 16 tokens at xg into C tile ct, stored to out. */
+#define Q8_ISSUE(t, ct, ta, tb, out)                                    \
+    if ((t) < nb) {                                                     \
+        _tile_zero(ct);                                                 \
+        _tile_loadd(ta, wr + (t) * TL_QBLOCK, k);                       \
+        _tile_loadd(tb, xg + (t) * TL_QBLOCK * 16, 64);                 \
+        _tile_dpbssd(ct, ta, tb);                                       \
+        _tile_stored(ct, out, 64);                                      \
+    }
+
+/* wdf[b][row] = float(wd) of 16 rows: two blocks per 32-bit gather. */
+static void q8_row_scales(const uint16_t *wd, int64_t nb, float *wdf) {
+    const __m512i off = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                           _mm512_set1_epi32((int)(2 * nb)));
+    int64_t b = 0;
+    for (; b + 2 <= nb; b += 2) {
+        const __m512i v = _mm512_i32gather_epi32(off, (const void *)(wd + b), 1);
+        _mm512_store_ps(wdf + b * 16, _mm512_cvtph_ps(_mm512_cvtepi32_epi16(v)));
+        _mm512_store_ps(wdf + b * 16 + 16, _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(v, 16))));
+    }
+    for (; b < nb; b++)
+        for (int ii = 0; ii < 16; ii++) wdf[b * 16 + ii] = _cvtsh_ss(wd[ii * nb + b]);
+}
+
+static inline void q8_epilogue(const int32_t *c, const float *wdf, int64_t b, const float *xdt, float *lanes) {
+    const __m512 xdv = _mm512_load_ps(xdt + b * 16);
+    const float *wb = wdf + b * 16;
+    float *lb = lanes + b % 16 * 16;
+    for (int ii = 0; ii < 16; ii++) {
+        const __m512 s = _mm512_mul_ps(_mm512_set1_ps(wb[ii]), xdv);
+        float *a = lb + ii * 256;
+        _mm512_store_ps(a, _mm512_add_ps(_mm512_load_ps(a), _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_load_si512(c + ii * 16)), s)));
+    }
+}
+
+void tl_amx_q8(const int8_t *w, const uint16_t *wd, int64_t k, int64_t r0, int64_t r1, const int8_t *xq,
+               const float *xd, int64_t m, int64_t ldy, float *y) {
+    const int64_t nb = k / TL_QBLOCK, groups = (m + 15) / 16;
+    const size_t xt_bytes = (size_t)(groups * 16 * k), xdt_bytes = (size_t)(groups * nb * 16) * 4,
+                 wdf_bytes = (size_t)(16 * nb) * 4, lane_bytes = 16 * 16 * 16 * 4;
+    uint8_t *xt = m >= Q8_MIN_TOKENS && r1 - r0 >= 16 ? scratch_get(xt_bytes + xdt_bytes + wdf_bytes + lane_bytes) : NULL;
+    if (!xt) {
+        tl_avx512_q8(w, wd, k, r0, r1, xq, xd, m, ldy, y);
+        return;
+    }
+    float *xdt = (float *)(xt + xt_bytes), *wdf = xdt + groups * nb * 16, *lanes = wdf + 16 * nb;
+    to_vnni(xq, m, k, xt);
+    for (int64_t g = 0; g < groups; g++) /* xdt[g][b][token]: the block scales of 16 tokens, 0 for missing ones */
+        for (int64_t b = 0; b < nb; b++)
+            for (int t = 0; t < 16; t++)
+                xdt[(g * nb + b) * 16 + t] = g * 16 + t < m ? xd[(g * 16 + t) * nb + b] : 0.0f;
+    tile_config cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int i = 0; i < 4; i++) cfg.colsb[i] = 64, cfg.rows[i] = 16; /* C: 16 rows x 16 tokens */
+    cfg.colsb[4] = cfg.colsb[5] = 32, cfg.rows[4] = cfg.rows[5] = 16; /* A: 16 rows x one block */
+    cfg.colsb[6] = cfg.colsb[7] = 64, cfg.rows[6] = cfg.rows[7] = 8;  /* B: one block x 16 tokens */
+    _tile_loadconfig(&cfg);
+    int32_t c[4][256] __attribute__((aligned(64)));
+    float out[256] __attribute__((aligned(64)));
+    int64_t r = r0;
+    for (; r + 16 <= r1; r += 16) {
+        const int8_t *wr = w + r * k;
+        q8_row_scales(wd + r * nb, nb, wdf);
+        for (int64_t g = 0; g < groups; g++) {
+            const uint8_t *xg = xt + g * 16 * k;
+            const float *xdg = xdt + g * nb * 16;
+            memset(lanes, 0, lane_bytes);
+            Q8_ISSUE(0, 0, 4, 6, c[0])
+            Q8_ISSUE(1, 1, 5, 7, c[1])
+            Q8_ISSUE(2, 2, 4, 6, c[2])
+            for (int64_t b = 0; b < nb; b += 4) {
+                if (g == 0) /* 16 rows are more streams than the hardware prefetcher follows well */
+                    for (int ii = 0; ii < 16; ii++)
+                        _mm_prefetch((const char *)(wr + ii * k + b * TL_QBLOCK) + Q8_PREFETCH, _MM_HINT_T0),
+                        _mm_prefetch((const char *)(wr + ii * k + b * TL_QBLOCK) + Q8_PREFETCH + 64, _MM_HINT_T0);
+                Q8_ISSUE(b + 3, 3, 5, 7, c[3])
+                q8_epilogue(c[0], wdf, b, xdg, lanes);
+                if (b + 1 >= nb) break;
+                Q8_ISSUE(b + 4, 0, 4, 6, c[0])
+                q8_epilogue(c[1], wdf, b + 1, xdg, lanes);
+                if (b + 2 >= nb) break;
+                Q8_ISSUE(b + 5, 1, 5, 7, c[1])
+                q8_epilogue(c[2], wdf, b + 2, xdg, lanes);
+                if (b + 3 >= nb) break;
+                Q8_ISSUE(b + 6, 2, 4, 6, c[2])
+                q8_epilogue(c[3], wdf, b + 3, xdg, lanes);
+            }
+            for (int ii = 0; ii < 16; ii++) {
+                __m512 *l = (__m512 *)(lanes + ii * 256);
+                for (int half = 8; half >= 1; half /= 2)
+                    for (int j = 0; j < half; j++) l[j] = _mm512_add_ps(l[j], l[j + half]);
+                _mm512_store_ps(out + ii * 16, l[0]);
+            }
+            for (int t = 0; t < 16 && g * 16 + t < m; t++)
+                for (int ii = 0; ii < 16; ii++) y[(g * 16 + t) * ldy + r + ii] = out[ii * 16 + t];
+        }
+    }
+    _tile_release();
+    if (r < r1) tl_avx512_q8(w, wd, k, r, r1, xq, xd, m, ldy, y);
 }
 #endif

@@ -194,6 +194,8 @@ void tl_avx2_float(const void *w, int dtype, int64_t k, int64_t r0, int64_t r1, 
 void tl_amx_ternary(const uint8_t *w, int64_t k_pad, int64_t r0, int64_t r1, const int8_t *xq, const int32_t *sums,
                     const float *a_scale, const float *w_scale, int64_t ws_stride, int64_t m, int64_t ldy, float *y,
                     int32_t *acc_out);
+void tl_amx_q8(const int8_t *w, const uint16_t *wd, int64_t k, int64_t r0, int64_t r1, const int8_t *xq,
+               const float *xd, int64_t m, int64_t ldy, float *y);
 #endif
 void tl_avx512_quantize(const float *x, int64_t m, int64_t k, int64_t k_pad, int8_t *xq, float *a_scale,
                         int32_t *sums);

@@ -150,6 +150,31 @@ def test_decode_batch_equals_separate_decodes(model: ternlm.Model) -> None:
         t.decode_batch(np.array([1, 2]), caches, [1, 2, 3])
 
 
+def test_forward_batch_mixes_prompt_chunks_and_decodes(model: ternlm.Model) -> None:
+    """A step of two one-token decodes and two prompt chunks gives each sequence the logits of its own
+    forward pass, and leaves each cache as that pass would."""
+    from ternlm.kvcache import KVCache
+
+    t = model.transformer
+    history = [[1, 2, 3, 4, 5], [], [9, 8], [6]]
+    chunks = [np.array([11]), np.array([3, 1, 4, 1, 5]), np.array([12]), np.array([2, 7])]
+    caches = [KVCache(model.config, 32) for _ in history]
+    alone = []
+    for cache, past, chunk in zip(caches, history, chunks, strict=True):
+        ref = KVCache(model.config, 32)
+        for c in (cache, ref) if past else ():
+            t.forward(np.array(past), c, 0)
+        alone.append((t.forward(chunk, ref, len(past), last_only=True)[0], ref))
+    batched = t.forward_batch(chunks, caches, [len(p) for p in history])
+    assert batched.shape == (4, model.config.vocab_size)
+    for j, (logits, ref) in enumerate(alone):
+        np.testing.assert_allclose(batched[j], logits, rtol=1e-5, atol=1e-5)
+        n = len(history[j]) + len(chunks[j])
+        np.testing.assert_allclose(caches[j].k[:, :, :n], ref.k[:, :, :n], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ternlm.ShapeError):
+        t.forward_batch([np.array([1]), np.array([], dtype=np.int64)], caches[:2], [0, 0])
+
+
 def test_tq1_weights_give_identical_logits() -> None:
     """The 1.6-bit layout holds the same ternary values: the same logits (prefill and decode). On the toy
     model, whose 640-wide FFN the 2-bit layout pads to 768 and the 1.6-bit one does not pad."""

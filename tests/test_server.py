@@ -357,7 +357,7 @@ def test_engine_failure_fails_requests_and_health(model: ternlm.Model, monkeypat
     with TestClient(create_app(model)) as http:
         _wait_for(lambda: http.get("/ready").status_code == 200)
         engine = http.app.state.ternlm.engine
-        monkeypatch.setattr(engine, "_decode", lambda: 1 / 0)  # a bug inside the engine thread
+        monkeypatch.setattr(engine, "_step", lambda: 1 / 0)  # a bug inside the engine thread
         r = http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 4})
         assert r.status_code == 500 and "engine stopped: ZeroDivisionError" in r.json()["error"]["message"]
         assert http.get("/health").status_code == 500

@@ -181,8 +181,7 @@ class Engine:
                         break
                     self._admit()
                 self._drop_cancelled()
-                self._prefill()
-                self._decode()
+                self._step()
                 self._update_gauges()
         except BaseException as e:  # a bug: fail every request loudly rather than hang its client
             with self._wake:
@@ -217,36 +216,33 @@ class Engine:
             if slot.request is not None and slot.request.stream.cancelled.is_set():
                 self._release(slot)
 
-    def _prefill(self) -> None:
-        """One chunk of the longest-waiting prompt that still has tokens to prefill."""
-        filling = [s for s in self.slots if s.request is not None and s.pending]
-        if not filling:
-            return
-        slot = min(filling, key=lambda s: s.request.submitted)
-        chunk, slot.pending = slot.pending[:self.prefill_chunk], slot.pending[self.prefill_chunk:]
-        logits = self._run(lambda: self.model.transformer.forward(
-            np.asarray(chunk, dtype=np.int64), slot.cache, len(slot.tokens), last_only=True), [slot])
-        if logits is None:
-            return
-        slot.tokens += chunk
-        if not slot.pending:
-            self._emit(slot, logits[0])
-
-    def _decode(self) -> None:
-        """One token for every slot past its prompt, in one batched forward pass."""
-        batch = [s for s in self.slots if s.request is not None and not s.pending and s.request.last_token_at]
+    def _step(self) -> None:
+        """One forward pass: a token for every slot past its prompt, plus one chunk of the longest-waiting
+        prompt still to prefill, so a new prompt shares its pass over the weights with the decodes."""
+        active = [s for s in self.slots if s.request is not None]
+        batch = [s for s in active if not s.pending]
+        chunks = [[s.next_token] for s in batch]
+        filling = [s for s in active if s.pending]
+        if filling:
+            slot = min(filling, key=lambda s: s.request.submitted)
+            chunk, slot.pending = slot.pending[:self.prefill_chunk], slot.pending[self.prefill_chunk:]
+            batch.append(slot)
+            chunks.append(chunk)
         if not batch:
             return
-        tokens = np.array([s.next_token for s in batch], dtype=np.int64)
-        logits = self._run(lambda: self.model.transformer.decode_batch(
-            tokens, [s.cache for s in batch], [len(s.tokens) for s in batch]), batch)
+        logits = self._run(lambda: self.model.transformer.forward_batch(
+            [np.asarray(c, dtype=np.int64) for c in chunks], [s.cache for s in batch],
+            [len(s.tokens) for s in batch]), batch)
         if logits is None:
             return
-        for slot, row in zip(batch, logits, strict=True):
-            slot.tokens.append(slot.next_token)
-            self._emit(slot, row)
+        generated = 0
+        for slot, chunk, row in zip(batch, chunks, logits, strict=True):
+            slot.tokens += chunk
+            if not slot.pending:
+                self._emit(slot, row)
+                generated += 1
         now = time.perf_counter()
-        self._rate.append((now, len(batch)))
+        self._rate.append((now, generated))
         if len(self._rate) > 1:
             span = now - self._rate[0][0]
             self.metrics.tokens_per_second.set(sum(n for _, n in list(self._rate)[1:]) / span if span else 0.0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -70,12 +71,7 @@ class Transformer:
 
     def forward(self, tokens: np.ndarray, cache: KVCache, start: int, last_only: bool = False) -> np.ndarray:
         """Logits (t, vocab) for tokens (t,) at positions start..; with last_only, (1, vocab) for the last."""
-        if len(tokens) == 1:
-            return self._forward(tokens, [cache], [start], last_only)
-        # Prefill attention runs numpy matmuls; BLAS worker threads would spin on the cores that the
-        # ternary kernels' threads need (measured: 2-thread prefill no faster than 1-thread).
-        with threadpool_limits(1, user_api="blas"):
-            return self._forward(tokens, [cache], [start], last_only)
+        return self._forward(tokens, [cache], [start], [len(tokens)], last_only)
 
     def decode_batch(self, tokens: np.ndarray, caches: list[KVCache], positions: list[int]) -> np.ndarray:
         """Logits (b, vocab) for one new token of each of b sequences, token j at positions[j] of caches[j].
@@ -85,36 +81,61 @@ class Transformer:
         if not len(tokens) == len(caches) == len(positions):
             raise ShapeError(f"decode_batch: {len(tokens)} tokens, {len(caches)} caches and {len(positions)} "
                              "positions must be as many")
-        return self._forward(tokens, caches, positions, last_only=False)
+        return self._forward(tokens, caches, positions, [1] * len(tokens), last_only=False)
 
-    def _forward(self, tokens: np.ndarray, caches: list[KVCache], starts: list[int], last_only: bool) -> np.ndarray:
-        # Either one sequence (one cache, t tokens from starts[0]) or b sequences with one token each.
-        x = self.w.embed.rows(tokens)  # (t, dim)
-        for i, layer in enumerate(self.w.layers):
-            x = self.block(x, layer, i, caches, starts)
+    def forward_batch(self, chunks: list[np.ndarray], caches: list[KVCache], starts: list[int]) -> np.ndarray:
+        """Logits (b, vocab) of the last token of each of b sequences: chunk j (t_j >= 1 tokens) at positions
+        starts[j].. of caches[j]. The server mixes a prompt chunk into its decode steps this way, so the
+        prompt costs no pass over the weights of its own."""
+        if not len(chunks) == len(caches) == len(starts) or not chunks or any(len(c) == 0 for c in chunks):
+            raise ShapeError(f"forward_batch: {len(chunks)} chunks (none empty), {len(caches)} caches and "
+                             f"{len(starts)} starts must be as many, at least one")
+        return self._forward(np.concatenate(chunks), caches, starts, [len(c) for c in chunks], last_only=True)
+
+    def _forward(self, tokens: np.ndarray, caches: list[KVCache], starts: list[int], lengths: list[int],
+                 last_only: bool) -> np.ndarray:
+        # Sequence j owns lengths[j] consecutive rows of x. Prefill attention runs numpy matmuls; BLAS worker
+        # threads would spin on the cores that the ternary kernels' threads need (measured: 2-thread prefill
+        # no faster than 1-thread).
+        with threadpool_limits(1, user_api="blas") if max(lengths) > 1 else contextlib.nullcontext():
+            x = self.w.embed.rows(tokens)  # (t, dim)
+            for i, layer in enumerate(self.w.layers):
+                x = self.block(x, layer, i, caches, starts, lengths)
         if last_only:
-            x = x[-1:]
+            x = x[np.cumsum(lengths) - 1]
         return self.w.head(rms_norm(x, self.w.norm, self.config.norm_eps))
 
-    def block(self, x: np.ndarray, w: LayerWeights, i: int, caches: list[KVCache], starts: list[int]) -> np.ndarray:
+    def block(self, x: np.ndarray, w: LayerWeights, i: int, caches: list[KVCache], starts: list[int],
+              lengths: list[int]) -> np.ndarray:
         eps = self.config.norm_eps
-        h = x + self.attention(rms_norm(x, w.attn_norm, eps), w, i, caches, starts)
+        h = x + self.attention(rms_norm(x, w.attn_norm, eps), w, i, caches, starts, lengths)
         return h + self.mlp(rms_norm(h, w.ffn_norm, eps), w)
 
-    def attention(self, x: np.ndarray, w: LayerWeights, i: int, caches: list[KVCache], starts: list[int]
-                  ) -> np.ndarray:
+    def attention(self, x: np.ndarray, w: LayerWeights, i: int, caches: list[KVCache], starts: list[int],
+                  lengths: list[int]) -> np.ndarray:
         c = self.config
         qkv = w.qkv(x)  # (t, q_dim + 2 kv_dim)
-        if len(qkv) == len(caches):  # one new token per sequence: RoPE, cache write and attention in C
-            out = kernels.attention_decode_batch(qkv, [cache.k[i] for cache in caches],
-                                                 [cache.v[i] for cache in caches], starts, self.rope.cos,
-                                                 self.rope.sin, c.n_heads, self.scale,
-                                                 [cache.scores for cache in caches])
+        # Sequences with one new token: RoPE, cache write and attention in one C call for all of them.
+        single = [j for j, n in enumerate(lengths) if n == 1]
+        if len(single) == len(lengths):
+            out = self.attention_decode(qkv, i, caches, starts)
         else:
-            out = self.attention_prefill(qkv, i, caches[0], starts[0])
+            out = np.empty((len(qkv), c.q_dim), np.float32)
+            first = np.cumsum([0, *lengths[:-1]])
+            if single:
+                out[first[single]] = self.attention_decode(qkv[first[single]], i, [caches[j] for j in single],
+                                                           [starts[j] for j in single])
+            for j, (row, n) in enumerate(zip(first, lengths, strict=True)):
+                if n > 1:
+                    out[row:row + n] = self.attention_prefill(qkv[row:row + n], i, caches[j], starts[j])
         if w.attn_sub_norm is not None:
             out = rms_norm(out, w.attn_sub_norm, c.norm_eps)
         return w.o(out)
+
+    def attention_decode(self, qkv: np.ndarray, i: int, caches: list[KVCache], starts: list[int]) -> np.ndarray:
+        return kernels.attention_decode_batch(qkv, [cache.k[i] for cache in caches], [cache.v[i] for cache in caches],
+                                              starts, self.rope.cos, self.rope.sin, self.config.n_heads,
+                                              self.scale, [cache.scores for cache in caches])
 
     def attention_prefill(self, qkv: np.ndarray, i: int, cache: KVCache, start: int) -> np.ndarray:
         """Causal attention of t tokens at positions start.. with numpy matmuls; returns (t, q_dim)."""

@@ -5,13 +5,15 @@
 
 Bandwidth achieved = bytes of weights read per token (ternary layers + output head) x tokens/s, printed against
 a read bandwidth measured in the same run (ternlm.kernels.read_bandwidth).
-Python overhead: the share of a decode step that is Python, measured two ways (see python_overhead).
+Python overhead: the share of a decode step that is Python, measured two ways (see python_overhead), and the
+step's time by kernel.
 Medians of --reps runs; this machine is shared, so compare figures from one run only.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import functools
 import resource
 import statistics
@@ -69,8 +71,9 @@ def _key(fn: Callable, args: tuple) -> tuple:
     return (fn.__name__, *(shape(a) for a in args[:2]))
 
 
-def python_overhead(model: ternlm.Model, steps: int = 16) -> tuple[float, float]:
-    """Share of a decode step that is Python: (python alone, wall time outside the C kernels).
+def python_overhead(model: ternlm.Model, steps: int = 16) -> tuple[float, float, float, dict[str, float]]:
+    """Share of a decode step that is Python: (python alone, wall time outside the C kernels), then the step's
+    seconds and each kernel's seconds in it.
 
     "Python alone": the step re-run with every kernel replaced by a stub returning its earlier result.
     "Outside kernels": the real step with each kernel call timed; it also counts the cache and pipeline
@@ -88,6 +91,7 @@ def python_overhead(model: ternlm.Model, steps: int = 16) -> tuple[float, float]
 
     originals = {n: getattr(kernels, n) for n in KERNELS}
     spent = [0.0]
+    by_kernel: dict[str, float] = collections.defaultdict(float)
     results: dict = {}
 
     def timed(fn: Callable) -> Callable:
@@ -99,7 +103,9 @@ def python_overhead(model: ternlm.Model, steps: int = 16) -> tuple[float, float]
                 results[_key(fn, args)] = out
                 return out
             finally:
-                spent[0] += time.perf_counter() - t0
+                dt = time.perf_counter() - t0
+                spent[0] += dt
+                by_kernel[fn.__name__] += dt
         return wrapper
 
     def stub(fn: Callable) -> Callable:
@@ -116,7 +122,7 @@ def python_overhead(model: ternlm.Model, steps: int = 16) -> tuple[float, float]
     finally:
         for n, fn in originals.items():
             setattr(kernels, n, fn)
-    return alone, outside
+    return alone, outside, total, {n: t / steps for n, t in by_kernel.items()}
 
 
 def main() -> None:
@@ -168,12 +174,15 @@ def measure(model: ternlm.Model, args: argparse.Namespace, isa: str, threads: in
     runs = [bench(model, args.pp, args.tg) for _ in range(args.reps)]
     pp_rate = statistics.median(r[0] for r in runs)
     tg_rate = statistics.median(r[1] for r in runs)
-    alone, outside = python_overhead(model)
+    alone, outside, step, parts = python_overhead(model)
     bw = kernels.read_bandwidth() / 1e9
     print(f"ternlm {isa} {threads}T: prefill pp{args.pp} {pp_rate:7.1f} tok/s | decode tg{args.tg} {tg_rate:6.1f} "
           f"tok/s = {tg_rate * gb:5.1f} GB/s of weights, {100 * tg_rate * gb / bw:.0f}% of the {bw:.1f} GB/s measured"
           f" (ceiling {bw / gb:.1f} tok/s) | python {100 * alone:.1f}% of a decode step alone, "
           f"{100 * outside:.1f}% of wall time outside kernels")
+    print(f"ternlm {isa} {threads}T: decode step {step * 1e3:.1f} ms (kernels timed): "
+          + ", ".join(f"{n} {t * 1e3:.2f}" for n, t in sorted(parts.items(), key=lambda p: -p[1]))
+          + f", outside kernels {(step - sum(parts.values())) * 1e3:.2f} ms")
     for b in args.batch:
         rate = statistics.median(bench_batch(model, b, args.tg) for _ in range(args.reps))
         print(f"ternlm {isa} {threads}T: batched decode of {b} sequences {rate:6.1f} tok/s in all "

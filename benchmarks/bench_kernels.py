@@ -42,6 +42,10 @@ def main() -> None:
     ap.add_argument("--gemm", default="128,512", help="prefill token counts (empty: skip)")
     ap.add_argument("--no-f16", action="store_true", help="skip the F16 head")
     ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--head-tokens", default="", help="Q8_0 head with this many tokens, e.g. 4,6,8,16 (batched "
+                    "decode), under each ISA in --isa")
+    ap.add_argument("--isa", default=K.active_isa(), help="comma-separated ISAs for --head-tokens "
+                    "(default: %(default)s)")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     # Random bytes: the kernels' speed does not depend on the values.
@@ -88,6 +92,8 @@ def main() -> None:
         q8_head()
 
     gemm_ms = [int(v) for v in args.gemm.split(",") if v]
+    head_ms = [int(v) for v in args.head_tokens.split(",") if v]
+    head_acts = {m: K.quantize_act_q8_0(rng.standard_normal((m, HEAD[1])).astype(np.float32)) for m in head_ms}
     gemm_acts = {
         m: {k: K.quantize_activations(rng.standard_normal((m, k)).astype(np.float32)) for k in (2560, 6912)}
         for m in gemm_ms
@@ -123,6 +129,18 @@ def main() -> None:
             t = median_time(gemm_layer, args.reps)
             print(f"  {threads}T GEMM m={m:<4} one layer       {t * 1e3:7.2f} ms  {ops / t / 1e9:6.0f} int8 GOPS "
                   f"({ops / 2 / t / 1e9 / threads:.0f} GMAC/s per thread)")  # fmt: skip
+        for m in head_ms:
+            def head_m(m: int = m) -> None:
+                K.q8_matmul(hq, hd, *head_acts[m])
+
+            times = []
+            best = K.active_isa()
+            for isa in args.isa.split(","):
+                K.set_isa(isa)
+                head_m()
+                times.append(f"{isa} {median_time(head_m, args.reps) * 1e3:6.2f} ms")
+            K.set_isa(best)
+            print(f"  {threads}T head Q8_0 m={m:<3} " + ", ".join(times))
     K.set_threads(K.default_threads())
 
 

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import logging
+import mmap
 import os
+import re
 import shutil
 import struct
 import zlib
@@ -189,6 +192,39 @@ def test_load_maps_instead_of_copying(tmp_path: Path) -> None:
     assert grown < out.stat().st_size // 20, f"RSS grew by {grown} bytes for a {out.stat().st_size}-byte file"
 
 
+
+
+def _mount_type(path: Path) -> str:
+    """The filesystem type of the mount holding `path` (longest mount point that is a prefix of it)."""
+    best, kind = "", ""
+    for line in Path("/proc/mounts").read_text().splitlines():
+        _, point, fs = line.split()[:3]
+        if str(path.resolve()).startswith(point.rstrip("/") + "/") and len(point) > len(best):
+            best, kind = point, fs
+    return kind
+
+
+@pytest.mark.skipif(not Path("/sys/kernel/mm/transparent_hugepage").exists(), reason="needs Linux huge pages")
+def test_written_file_leaves_the_page_cache_and_maps_for_huge_pages(tmp_path: Path) -> None:
+    """Pages left cached by the write would stay 4 KiB-mapped: the writer evicts them, and the loader's
+    mapping asks for 2 MiB pages (VmFlags "hg"), so decode streams the weights from huge pages."""
+    out = write_native(synthetic(vocab=16384, dim=256, embed_dtype=np.float16), tmp_path / "m.tlm")
+    if _mount_type(tmp_path) not in ("tmpfs", "ramfs"):  # in-memory filesystems: the cache is the file
+        with open(out, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            pages = -(-len(mm) // mmap.PAGESIZE)
+            vec = (ctypes.c_ubyte * pages)()
+            view = np.frombuffer(mm, np.uint8)
+            assert ctypes.CDLL(None).mincore(ctypes.c_void_p(view.ctypes.data), ctypes.c_size_t(len(mm)), vec) == 0
+            del view
+            assert sum(v & 1 for v in vec) <= 2, "the written file is still in the page cache"
+    loaded = load_native(out)
+    start = loaded.weights.embed.weight.ctypes.data
+    for m in re.finditer(r"^([0-9a-f]+)-([0-9a-f]+) .*?^VmFlags:([^\n]*)", Path("/proc/self/smaps").read_text(),
+                         re.M | re.S):
+        if int(m[1], 16) <= start < int(m[2], 16):
+            assert "hg" in m[3].split(), f"mapping flags {m[3]}"
+            return
+    pytest.fail("the embedding's mapping is not in /proc/self/smaps")
 # ---------------------------------------------------------------- checksums and damaged files
 
 

@@ -3,8 +3,9 @@
     python benchmarks/make_2b4t_shapes.py            # once: a 2B4T-shaped random model
     python benchmarks/bench_decode.py [MODEL_DIR] [--threads 1 2] [--pp 128] [--tg 64] [--reps 3] [--isa avx512vnni amx]
 
-Bandwidth achieved = bytes of weights read per token (ternary layers + output head) x tokens/s, printed against
-a read bandwidth measured in the same run (ternlm.kernels.read_bandwidth).
+Bandwidth achieved = bytes read per token x tokens/s, printed against a read bandwidth measured in the same run
+(ternlm.kernels.read_bandwidth). The bytes are the weights (ternary layers + output head) and the KV cache that
+attention reads, on average over the decoded tokens; the share of the weights alone is printed too.
 Python overhead: the share of a decode step that is Python, measured two ways (see python_overhead), and the
 step's time by kernel.
 Medians of --reps runs; this machine is shared, so compare figures from one run only.
@@ -175,6 +176,13 @@ def main() -> None:
           f"= {rss_end / weights:.2f} x weights, {huge_page_bytes() / 1e9:.3f} GB of it on 2 MiB pages")
 
 
+def kv_bytes_read(config: ternlm.ModelConfig, pp: int, tg: int) -> float:
+    """Mean bytes of float32 keys and values that attention reads per decoded token: the token at position p
+    reads p + 1 rows of every layer's cache."""
+    row = 2 * config.n_layers * config.n_kv_heads * config.head_dim * 4
+    return row * (pp + (tg + 1) / 2)
+
+
 def measure(model: ternlm.Model, args: argparse.Namespace, isa: str, threads: int, gb: float) -> None:
     kernels.set_threads(threads)
     bench(model, 8, 4)  # warm up: page in the weights
@@ -183,9 +191,11 @@ def measure(model: ternlm.Model, args: argparse.Namespace, isa: str, threads: in
     tg_rate = statistics.median(r[1] for r in runs)
     alone, outside, step, parts = python_overhead(model)
     bw = kernels.read_bandwidth() / 1e9
+    read = gb + kv_bytes_read(model.config, args.pp, args.tg) / 1e9
     print(f"ternlm {isa} {threads}T: prefill pp{args.pp} {pp_rate:7.1f} tok/s | decode tg{args.tg} {tg_rate:6.1f} "
-          f"tok/s = {tg_rate * gb:5.1f} GB/s of weights, {100 * tg_rate * gb / bw:.0f}% of the {bw:.1f} GB/s measured"
-          f" (ceiling {bw / gb:.1f} tok/s) | python {100 * alone:.1f}% of a decode step alone, "
+          f"tok/s = {tg_rate * read:5.1f} GB/s, {100 * tg_rate * read / bw:.0f}% of the {bw:.1f} GB/s measured "
+          f"(ceiling {bw / read:.1f} tok/s for {read:.3f} GB read per token; weights alone "
+          f"{100 * tg_rate * gb / bw:.0f}%) | python {100 * alone:.1f}% of a decode step alone, "
           f"{100 * outside:.1f}% of wall time outside kernels")
     print(f"ternlm {isa} {threads}T: decode step {step * 1e3:.1f} ms (kernels timed): "
           + ", ".join(f"{n} {t * 1e3:.2f}" for n, t in sorted(parts.items(), key=lambda p: -p[1]))

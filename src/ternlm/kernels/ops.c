@@ -64,6 +64,54 @@ INLINE void score_heads(const float *q, int nh, const float *key, int hd, float 
     }
 }
 
+/* Lane i of the result is the sum of the lanes of p[BITREV4[i]], for 16 vectors at once: each level adds
+ * the halves of pairs of vectors, 15 shuffle-adds for 16 sums where hsum16 takes 4 per sum. Every sum is
+ * added in hsum16's tree order (lanes l and l^8, then l^4, l^2, l^1), so it has hsum16's bits. */
+static const int BITREV4[16] = {0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15};
+
+INLINE v16 hsum16x16(v16 *p) {
+    const v16i lo8 = {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23},
+               hi8 = {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31},
+               lo4 = {0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27},
+               hi4 = {4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31},
+               lo2 = {0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29},
+               hi2 = {2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31},
+               lo1 = {0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30},
+               hi1 = {1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31};
+    for (int i = 0; i < 8; i++) p[i] = __builtin_shuffle(p[2 * i], p[2 * i + 1], lo8) + __builtin_shuffle(p[2 * i], p[2 * i + 1], hi8);
+    for (int i = 0; i < 4; i++) p[i] = __builtin_shuffle(p[2 * i], p[2 * i + 1], lo4) + __builtin_shuffle(p[2 * i], p[2 * i + 1], hi4);
+    for (int i = 0; i < 2; i++) p[i] = __builtin_shuffle(p[2 * i], p[2 * i + 1], lo2) + __builtin_shuffle(p[2 * i], p[2 * i + 1], hi2);
+    return __builtin_shuffle(p[0], p[1], lo1) + __builtin_shuffle(p[0], p[1], hi1);
+}
+
+/* score_heads for 16 consecutive key rows (hd a multiple of 16): the heads' 16 partial-sum vectors are
+ * reduced together by hsum16x16, the same bits as 16 calls of score_heads in a quarter of the shuffles. */
+INLINE void score_heads16(const float *q, int nh, const float *keys, int hd, float scale, float *scores,
+                          int64_t ld) {
+    v16 part[4][16];
+    for (int s = 0; s < 16; s++) {
+        v16 acc[4] = {{0}};
+        for (int j = 0; j < hd; j += 16) {
+            const v16 k = load16(keys + s * hd + j);
+            for (int h = 0; h < nh; h++) acc[h] += load16(q + h * hd + j) * k;
+        }
+        for (int h = 0; h < nh; h++) part[h][BITREV4[s]] = acc[h];
+    }
+    for (int h = 0; h < nh; h++) {
+        const v16 r = hsum16x16(part[h]) * scale;
+        memcpy(scores + h * ld, &r, sizeof r);
+    }
+}
+
+/* All scores of nh (<= 4) query heads over len key rows, into scores[h * ld + s]. */
+INLINE void score_all(const float *q, int nh, const float *keys, int64_t len, int hd, float scale, float *scores,
+                      int64_t ld) {
+    int64_t s = 0;
+    if (hd % 16 == 0)
+        for (; s + 16 <= len; s += 16) score_heads16(q, nh, keys + s * hd, hd, scale, scores + s, ld);
+    for (; s < len; s++) score_heads(q, nh, keys + s * hd, hd, scale, scores + s, ld);
+}
+
 INLINE float sum_squares(const float *x, int64_t n) { return dot(x, x, n); }
 
 /* e^x for x <= 0 (softmax after subtracting the max), within 2 ulp: Cody-Waite reduction x = n ln2 + r
@@ -84,6 +132,27 @@ INLINE float exp_nonpositive(float x) {
     float two_n;
     memcpy(&two_n, &bits, sizeof two_n);
     return p * two_n;
+}
+
+/* Softmax of x (n) in place: max and sum as 16-lane vectors (fixed order, so every ISA clone gets the same
+ * bits), which a plain loop would run as one serial chain of n dependent adds. */
+INLINE void softmax(float *x, int64_t n) {
+    v16 vtop = (v16){0} - INFINITY;
+    int64_t s = 0;
+    for (; s + 16 <= n; s += 16) {
+        const v16 v = load16(x + s);
+        const v16i gt = v > vtop;
+        vtop = (v16)(((v16i)v & gt) | ((v16i)vtop & ~gt));
+    }
+    float top = -INFINITY;
+    for (int i = 0; i < 16; i++) top = vtop[i] > top ? vtop[i] : top;
+    for (int64_t t = s; t < n; t++) top = x[t] > top ? x[t] : top;
+    for (int64_t t = 0; t < n; t++) x[t] = exp_nonpositive(x[t] - top);
+    v16 vsum = {0};
+    for (s = 0; s + 16 <= n; s += 16) vsum += load16(x + s);
+    float total = hsum16(vsum);
+    for (int64_t t = s; t < n; t++) total += x[t];
+    for (int64_t t = 0; t < n; t++) x[t] /= total;
 }
 
 /* out[h] (hd) = sum_s p[h][s] * values[s] for the query heads h < nh (<= 4) of one KV head; p rows are
@@ -174,20 +243,20 @@ INLINE void attend_kv_head(const attn_job *j, int64_t g) {
     const float *keys = j->k_cache + g * j->max_len * hd, *values = j->v_cache + g * j->max_len * hd;
     float *scores = j->scores + g * group * j->max_len; /* (group, max_len) */
     for (int h = 0; h < group; h++) rope(j->qkv + (g * group + h) * hd, j->cos, j->sin, hd, qr + h * hd);
-    for (int64_t s = 0; s < j->len; s++)
-        for (int h = 0; h < group; h += 4)
-            score_heads(qr + h * hd, group - h < 4 ? group - h : 4, keys + s * hd, hd, j->scale,
-                        scores + h * j->max_len + s, j->max_len);
-    for (int h = 0; h < group; h++) {
-        float *sc = scores + h * j->max_len, top = -INFINITY, total = 0.0f;
-        for (int64_t s = 0; s < j->len; s++) top = sc[s] > top ? sc[s] : top;
-        for (int64_t s = 0; s < j->len; s++) sc[s] = exp_nonpositive(sc[s] - top);
-        for (int64_t s = 0; s < j->len; s++) total += sc[s];
-        for (int64_t s = 0; s < j->len; s++) sc[s] /= total;
+    for (int h = 0; h < group; h += 4) {
+        if (group - h >= 4) /* constant head count: the heads' loops unroll */
+            score_all(qr + h * hd, 4, keys, j->len, hd, j->scale, scores + h * j->max_len, j->max_len);
+        else
+            score_all(qr + h * hd, group - h, keys, j->len, hd, j->scale, scores + h * j->max_len, j->max_len);
     }
-    for (int h = 0; h < group; h += 4)
-        weigh_values(scores + h * j->max_len, j->max_len, group - h < 4 ? group - h : 4, values, j->len, hd,
-                     j->out + (g * group + h) * hd);
+    for (int h = 0; h < group; h++) softmax(scores + h * j->max_len, j->len);
+    for (int h = 0; h < group; h += 4) {
+        float *o = j->out + (g * group + h) * hd;
+        if (group - h >= 4)
+            weigh_values(scores + h * j->max_len, j->max_len, 4, values, j->len, hd, o);
+        else
+            weigh_values(scores + h * j->max_len, j->max_len, group - h, values, j->len, hd, o);
+    }
 }
 
 CLONES static void attend_kv_heads(void *arg, int64_t g0, int64_t g1) {

@@ -47,6 +47,12 @@ def resident_bytes() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
+def weight_modules(model: ternlm.Model) -> list:
+    """The layers whose kernels stream weights, each naming the next one's weights to read ahead."""
+    w = model.transformer.w
+    return [m for lw in w.layers for m in lw.linears()] + [w.head]
+
+
 def huge_page_bytes() -> int:
     """Bytes of this process mapped with 2 MiB pages: weights on 4 KiB pages decode 10-15 % slower."""
     fields = dict(line.split(":", 1) for line in Path("/proc/self/smaps_rollup").read_text().splitlines()[1:])
@@ -145,6 +151,8 @@ def main() -> None:
                     help="ternary weight layout: i2 (2 bits/weight) or tq1 (1.6 bits/weight)")
     ap.add_argument("--isa", nargs="+", default=[kernels.active_isa()],
                     help="kernel ISAs to measure in turn (default: the best this CPU has; see kernels.available_isas)")
+    ap.add_argument("--read-ahead", nargs="+", default=["on"], choices=["on", "off"],
+                    help="measure with and/or without a worker reading the next weights ahead between kernels")
     ap.add_argument("--batch", type=int, nargs="*", default=[],
                     help="also measure decode_batch with these numbers of sequences (aggregate tok/s)")
     args = ap.parse_args()
@@ -165,10 +173,14 @@ def main() -> None:
     print(f"memory: resident after load {rss_after / 1e9:.3f} GB = {rss_after / weights:.2f} x weights; "
           f"peak during load {peak / 1e9:.3f} GB = {peak / (weights + kv):.2f} x (weights + "
           f"{kv / 1e9:.3f} GB KV cache allocated)")
+    linked = {id(m): m.read_next for m in weight_modules(model)}
     for isa in args.isa:
         kernels.set_isa(isa)
         for threads in args.threads:
-            measure(model, args, isa, threads, gb)
+            for read_ahead in args.read_ahead:
+                for m in weight_modules(model):
+                    m.read_next = linked[id(m)] if read_ahead == "on" else None
+                measure(model, args, f"{isa}{'' if read_ahead == 'on' else ' no-read-ahead'}", threads, gb)
     kernels.set_isa(kernels.available_isas()[-1])
     # A model stored in ternlm's own layout is mapped, not read, at load: its pages count once decode touched them.
     rss_end = resident_bytes() - rss_before

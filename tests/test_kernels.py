@@ -8,6 +8,7 @@ sum in a different order than BLAS, so |y - ref| <= 1e-5 * (|x| @ |w|ᵀ) + 1e-3
 import os
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -381,7 +382,8 @@ def test_q4_bad_inputs():
 
 @needs_ext
 def test_concurrent_callers():
-    """Two Python threads calling kernels at once (GIL released) both get correct results."""
+    """Two Python threads calling kernels at once (GIL released), each naming the other's weights to read
+    ahead, both get correct results."""
     K.set_threads(2)
     rng = np.random.default_rng(40)
     cases = [random_case(rng, m, 200, 1000) for m in (1, 5)]
@@ -395,7 +397,7 @@ def test_concurrent_callers():
         _, packed, x = cases[i]
         for _ in range(200):
             q = K.quantize_activations(x)
-            if not np.array_equal(K.ternary_matmul(packed, *q, 1.0), expected[i]):
+            if not np.array_equal(K.ternary_matmul(packed, *q, 1.0, next=cases[1 - i][1]), expected[i]):
                 errors.append(i)
 
     ts = [threading.Thread(target=work, args=(i,)) for i in (0, 1)]
@@ -404,6 +406,53 @@ def test_concurrent_callers():
     for t in ts:
         t.join()
     assert not errors
+
+
+@needs_ext
+@pytest.mark.parametrize("threads", [2, 3], indirect=True)
+def test_read_ahead_gives_the_same_bits(isa, threads):
+    """Each call names the next one's weights; between calls a worker reads them ahead and the next call
+    hands it more rows (a different split of every matrix): every output keeps the reference's bits."""
+    rng = np.random.default_rng(42)
+    ternary = [random_case(rng, m, n, 2048) for m, n in ((1, 3000), (1, 1024), (3, 2000))]
+    (q8, d8), x8 = q8_case(rng, 1, 2048, 256)
+    q4, d4 = T.quantize_q4_0(rng.standard_normal((2048, 256)).astype(np.float32))
+    f16 = rng.standard_normal((2048, 256)).astype(np.float16)
+    xq8 = K.quantize_act_q8_0(x8)
+    calls = [(packed, lambda packed=packed, x=x, nxt=None: K.ternary_matmul(packed, *K.quantize_activations(x), 1.0,
+                                                                           next=nxt),
+              T.ternary_matmul(packed, *T.quantize_activations(x), 1.0)) for _, packed, x in ternary]
+    calls += [(q8, lambda nxt=None: K.q8_matmul(q8, d8, *xq8, next=nxt), T.q8_matmul(q8, d8, *xq8)),
+              (q4, lambda nxt=None: K.q4_matmul(q4, d4, *xq8, next=nxt), T.q4_matmul(q4, d4, *xq8)),
+              (f16, lambda nxt=None: K.float_matmul(f16, x8, next=nxt), K.float_matmul(f16, x8))]
+    for rep in range(20):
+        for i, (_, call, expected) in enumerate(calls):
+            got = call(nxt=calls[(i + 1) % len(calls)][0])
+            np.testing.assert_array_equal(got.view(np.uint32), expected.view(np.uint32), err_msg=f"call {i}")
+            if rep % 2:  # leave the worker time to read ahead
+                time.sleep(0.0002)
+
+
+@needs_ext
+def test_read_ahead_keeps_its_target_alive():
+    """The pool holds the weights it reads ahead until a later call names others, so dropping the last
+    Python reference to them in between cannot free memory a worker is reading."""
+    K.set_threads(2)
+    rng = np.random.default_rng(43)
+    _, packed, x = random_case(rng, 1, 512, 1024)
+    q = K.quantize_activations(x)
+    target = rng.integers(0, 255, size=(4096, 512), dtype=np.uint8)
+    before = sys.getrefcount(target)
+    K.ternary_matmul(packed, *q, 1.0, next=target)
+    assert sys.getrefcount(target) == before + 1
+    K.ternary_matmul(packed, *q, 1.0, next=packed)
+    assert sys.getrefcount(target) == before
+    K.set_threads(1)  # one thread reads nothing ahead, so it holds nothing
+    K.ternary_matmul(packed, *q, 1.0, next=target)
+    assert sys.getrefcount(target) == before
+    with pytest.raises(ShapeError, match="next"):
+        K.ternary_matmul(packed, *q, 1.0, next=target[:, ::2])
+    K.set_threads(K.default_threads())
 
 
 @needs_ext

@@ -44,9 +44,14 @@ class BlasLinear:
     """
 
     dtype = "F32"
+    read_next: np.ndarray | None = None  # unused: numpy's matmul reads nothing ahead
 
     def __init__(self, weight: np.ndarray) -> None:
         self.weight = np.ascontiguousarray(weight, np.float32)  # (out, in)
+
+    @property
+    def streamed(self) -> np.ndarray:
+        return self.weight
 
     @property
     def shape(self) -> tuple[int, int]:

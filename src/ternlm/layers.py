@@ -19,6 +19,8 @@ class TernaryLinear:
     and runs the integer kernel.
     """
 
+    read_next: np.ndarray | None = None  # the weights run after this layer's (set by Transformer; see kernels)
+
     def __init__(self, packed: np.ndarray, in_features: int, scale: float | np.ndarray, layout: str = "i2") -> None:
         if layout not in LAYOUTS:
             raise ShapeError(f"layout must be one of {LAYOUTS}, got {layout!r}")
@@ -78,7 +80,12 @@ class TernaryLinear:
         # x (m, in_features) float32 -> (m, out_features) float32
         xq, a_scale, sums = kernels.quantize_activations(x, k_pad=self.k_pad)
         matmul = kernels.ternary_matmul_tq1 if self.layout == "tq1" else kernels.ternary_matmul
-        return matmul(self.packed, xq, a_scale, sums, self.scale)
+        return matmul(self.packed, xq, a_scale, sums, self.scale, next=self.read_next)
+
+    @property
+    def streamed(self) -> np.ndarray:
+        """The array a call streams from memory: what the layer before it names as its read_next."""
+        return self.packed
 
     @property
     def nbytes(self) -> int:
@@ -87,6 +94,8 @@ class TernaryLinear:
 
 class FloatMatrix:
     """A float matrix (rows, cols) kept in its stored precision: the embedding table and the LM head."""
+
+    read_next: np.ndarray | None = None  # as for TernaryLinear
 
     def __init__(self, weight: np.ndarray, dtype: str) -> None:
         if dtype not in ("F32", "F16", "BF16") or weight.ndim != 2:
@@ -107,7 +116,11 @@ class FloatMatrix:
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         # x (m, cols) float32 -> (m, rows) float32
-        return kernels.float_matmul(self.weight, x)
+        return kernels.float_matmul(self.weight, x, next=self.read_next)
+
+    @property
+    def streamed(self) -> np.ndarray:
+        return self.weight
 
     @property
     def nbytes(self) -> int:
@@ -123,6 +136,7 @@ class Q8Matrix:
 
     dtype = "Q8_0"
     CHUNK_ROWS = 2048  # quantize this many rows at a time, bounding the float32 temporaries
+    read_next: np.ndarray | None = None  # as for TernaryLinear
 
     def __init__(self, q: np.ndarray, d: np.ndarray) -> None:
         if q.dtype != np.int8 or d.dtype != np.float16 or q.ndim != 2 or d.shape != (q.shape[0], q.shape[1] // 32):
@@ -153,7 +167,11 @@ class Q8Matrix:
         return ternary.dequantize_q8_0(self.q[ids], self.d[ids])
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        return kernels.q8_matmul(self.q, self.d, *kernels.quantize_act_q8_0(x))
+        return kernels.q8_matmul(self.q, self.d, *kernels.quantize_act_q8_0(x), next=self.read_next)
+
+    @property
+    def streamed(self) -> np.ndarray:
+        return self.q
 
 
 class Q4Matrix:
@@ -162,6 +180,7 @@ class Q4Matrix:
 
     dtype = "Q4_0"
     CHUNK_ROWS = Q8Matrix.CHUNK_ROWS
+    read_next: np.ndarray | None = None  # as for TernaryLinear
 
     def __init__(self, q4: np.ndarray, d: np.ndarray) -> None:
         if (q4.dtype != np.uint8 or d.dtype != np.float16 or q4.ndim != 2
@@ -193,7 +212,11 @@ class Q4Matrix:
         return ternary.dequantize_q4_0(self.q4[ids], self.d[ids])
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        return kernels.q4_matmul(self.q4, self.d, *kernels.quantize_act_q8_0(x))
+        return kernels.q4_matmul(self.q4, self.d, *kernels.quantize_act_q8_0(x), next=self.read_next)
+
+    @property
+    def streamed(self) -> np.ndarray:
+        return self.q4
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:

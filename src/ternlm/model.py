@@ -68,6 +68,12 @@ class Transformer:
         self.w = weights
         self.rope = Rope(config.head_dim, config.rope_theta, config.max_seq_len)
         self.scale = np.float32(config.head_dim ** -0.5)
+        # Each weight kernel names the weights of the one after it (the last layer's: the head's; the head's:
+        # the first layer's, for the next token): a worker thread reads them ahead while the small ops between
+        # two matmuls run, when memory would otherwise sit idle.
+        order = [m for lw in weights.layers for m in lw.linears()] + [weights.head]
+        for m, after in zip(order, order[1:] + order[:1], strict=True):
+            m.read_next = after.streamed
 
     def forward(self, tokens: np.ndarray, cache: KVCache, start: int, last_only: bool = False) -> np.ndarray:
         """Logits (t, vocab) for tokens (t,) at positions start..; with last_only, (1, vocab) for the last."""

@@ -115,7 +115,7 @@ _LAYOUTS = {
 
 
 def _ternary(layout: str, packed: np.ndarray, xq: np.ndarray, a_scale: np.ndarray | None, sums: np.ndarray,
-             w_scale: float | np.ndarray | None, out: np.ndarray | None) -> np.ndarray:
+             w_scale: float | np.ndarray | None, out: np.ndarray | None, next: np.ndarray | None = None) -> np.ndarray:
     """The float output (a_scale and w_scale given) or the exact int32 accumulator (both None)."""
     per_byte, ext_name, ref_float, ref_i32 = _LAYOUTS[layout]
     n, kq = _shape2(packed, "packed")
@@ -135,17 +135,20 @@ def _ternary(layout: str, packed: np.ndarray, xq: np.ndarray, a_scale: np.ndarra
     elif raw:  # a_scale is unused for the raw accumulator
         getattr(_ext, ext_name)(packed, n, k_pad, xq, sums, np.ones(m, _F32), 1.0, m, None, out)
     else:
-        getattr(_ext, ext_name)(packed, n, k_pad, xq, sums, a_scale, w_scale, m, out, None)
+        getattr(_ext, ext_name)(packed, n, k_pad, xq, sums, a_scale, w_scale, m, out, None, next)
     return out
 
 
 def ternary_matmul(packed: np.ndarray, xq: np.ndarray, a_scale: np.ndarray, sums: np.ndarray,
-                   w_scale: float | np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+                   w_scale: float | np.ndarray, out: np.ndarray | None = None,
+                   next: np.ndarray | None = None) -> np.ndarray:
     """y float32 (m, n) = (xq (m, k_pad) · unpack(packed (n, k_pad/4))ᵀ) * (w_scale / a_scale[i]).
 
     ``w_scale`` is a float, or a float32 array (n,) of one scale per output row (fused projections).
+    ``next``: the weights the next kernel call reads (any weight kernel's); with several threads a worker
+    reads their tail ahead while the caller works between the two calls. Every weight kernel takes it.
     """
-    return _ternary("i2", packed, xq, a_scale, sums, w_scale, out)
+    return _ternary("i2", packed, xq, a_scale, sums, w_scale, out, next)
 
 
 def ternary_matmul_i32(packed: np.ndarray, xq: np.ndarray, sums: np.ndarray,
@@ -155,10 +158,11 @@ def ternary_matmul_i32(packed: np.ndarray, xq: np.ndarray, sums: np.ndarray,
 
 
 def ternary_matmul_tq1(packed: np.ndarray, xq: np.ndarray, a_scale: np.ndarray, sums: np.ndarray,
-                       w_scale: float | np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+                       w_scale: float | np.ndarray, out: np.ndarray | None = None,
+                       next: np.ndarray | None = None) -> np.ndarray:
     """``ternary_matmul`` for TQ1 weights (n, k_pad/5) (``ternary.pack_tq1``); xq (m, k_pad), k_pad % 320 == 0
     (``quantize_activations(x, k_pad=ternary.padded_k_tq1(k))``). Same output formula and scales."""
-    return _ternary("tq1", packed, xq, a_scale, sums, w_scale, out)
+    return _ternary("tq1", packed, xq, a_scale, sums, w_scale, out, next)
 
 
 def ternary_matmul_tq1_i32(packed: np.ndarray, xq: np.ndarray, sums: np.ndarray,
@@ -185,7 +189,8 @@ def quantize_act_q8_0(x: np.ndarray, out: tuple[np.ndarray, np.ndarray] | None =
 
 
 def q8_matmul(
-    q: np.ndarray, d: np.ndarray, xq: np.ndarray, xd: np.ndarray, out: np.ndarray | None = None
+    q: np.ndarray, d: np.ndarray, xq: np.ndarray, xd: np.ndarray, out: np.ndarray | None = None,
+    next: np.ndarray | None = None,
 ) -> np.ndarray:
     """y float32 (m, n) from Q8_0 weights q int8 (n, k), d float16 (n, k // 32) and Q8_0 activations.
 
@@ -199,12 +204,13 @@ def q8_matmul(
     if _ext is None:
         out[...] = _ref.q8_matmul(q, d, xq, xd)
     else:
-        _ext.q8_matmul(q, d, n, k, xq, xd, m, out)
+        _ext.q8_matmul(q, d, n, k, xq, xd, m, out, next)
     return out
 
 
 def q4_matmul(
-    q4: np.ndarray, d: np.ndarray, xq: np.ndarray, xd: np.ndarray, out: np.ndarray | None = None
+    q4: np.ndarray, d: np.ndarray, xq: np.ndarray, xd: np.ndarray, out: np.ndarray | None = None,
+    next: np.ndarray | None = None,
 ) -> np.ndarray:
     """y float32 (m, n) from Q4_0 weights q4 uint8 (n, k // 2), d float16 (n, k // 32) and Q8_0 activations.
 
@@ -218,7 +224,7 @@ def q4_matmul(
     if _ext is None:
         out[...] = _ref.q4_matmul(q4, d, xq, xd)
     else:
-        _ext.q4_matmul(q4, d, n, k, xq, xd, m, out)
+        _ext.q4_matmul(q4, d, n, k, xq, xd, m, out, next)
     return out
 
 
@@ -293,7 +299,8 @@ def attention_decode_batch(qkv: np.ndarray, k_caches: list[np.ndarray], v_caches
     return out
 
 
-def float_matmul(w: np.ndarray, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+def float_matmul(w: np.ndarray, x: np.ndarray, out: np.ndarray | None = None,
+                 next: np.ndarray | None = None) -> np.ndarray:
     """y float32 (m, n) = x float32 (m, k) · wᵀ, f32 accumulation (the LM head).
 
     w (n, k) is float32, float16, or bfloat16 bits stored as uint16 (or an ml_dtypes bfloat16 array).
@@ -311,7 +318,7 @@ def float_matmul(w: np.ndarray, x: np.ndarray, out: np.ndarray | None = None) ->
     if _ext is None:
         out[...] = _ref.float_matmul(w, x)
     else:
-        _ext.float_matmul(w, code, n, k, x, m, out)
+        _ext.float_matmul(w, code, n, k, x, m, out, next)
     return out
 
 

@@ -417,6 +417,47 @@ static int check_nargs(Py_ssize_t nargs, Py_ssize_t want, const char *fn) {
     return -1;
 }
 
+/* ---- read-ahead hints: a weight kernel's optional last argument names the weights read after it ---- */
+
+static Py_buffer read_ahead_view; /* the weights the pool is reading ahead, kept alive (GIL) */
+static int have_read_ahead_view;
+
+/* Weight kernels take nargs = want, or want + 1 with `next` last: None or the next kernel's weights. */
+static int check_nargs_next(Py_ssize_t nargs, Py_ssize_t want, const char *fn) {
+    if (nargs == want || nargs == want + 1) return 0;
+    PyErr_Format(PyExc_TypeError, "%s() takes %zd or %zd arguments (%zd given)", fn, want, want + 1, nargs);
+    return -1;
+}
+
+/* Takes the hint for this thread's next job (the kernel reading cur); *next stays empty when there is none. */
+static int hint_begin(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t at, const void *cur, Py_buffer *next) {
+    next->obj = NULL;
+    if (nargs <= at || args[at] == Py_None) {
+        tl_set_read_ahead(cur, NULL, 0);
+        return 0;
+    }
+    if (PyObject_GetBuffer(args[at], next, PyBUF_SIMPLE) < 0) {
+        PyErr_Clear();
+        PyErr_SetString(shape_error, "next: expected a contiguous array (the weights read next) or None");
+        return -1;
+    }
+    tl_set_read_ahead(cur, next->buf, (int64_t)next->len);
+    return 0;
+}
+
+/* After the kernel: while the pool reads `next` ahead, its view is kept (and the one before it let go). */
+static void hint_end(Py_buffer *next) {
+    tl_set_read_ahead(NULL, NULL, 0);
+    if (!next->obj) return;
+    if (!tl_reads_ahead(next->buf)) {
+        PyBuffer_Release(next);
+        return;
+    }
+    if (have_read_ahead_view) PyBuffer_Release(&read_ahead_view);
+    read_ahead_view = *next;
+    have_read_ahead_view = 1;
+}
+
 /* quantize(x, xq, a_scale, sums, m, k, k_pad) */
 static PyObject *py_quantize(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
@@ -449,12 +490,13 @@ fail_x:
     return NULL;
 }
 
-/* ternary_matmul[_tq1](w, n, k_pad, xq, sums, a_scale, w_scale, m, y, acc): exactly one of y / acc is None */
+/* ternary_matmul[_tq1](w, n, k_pad, xq, sums, a_scale, w_scale, m, y, acc[, next]): exactly one of y / acc is
+ * None */
 static PyObject *ternary_matmul_impl(int tq1, PyObject *const *args, Py_ssize_t nargs) {
     const char *fn = tq1 ? "ternary_matmul_tq1" : "ternary_matmul";
     const int block = tq1 ? TL_TQ1_BLOCK : TL_BLOCK, per_byte = tq1 ? 5 : 4;
     int64_t s[3];
-    if (check_nargs(nargs, 10, fn) || get_i64(args[1], "n", &s[0]) || get_i64(args[2], "k_pad", &s[1]) ||
+    if (check_nargs_next(nargs, 10, fn) || get_i64(args[1], "n", &s[0]) || get_i64(args[2], "k_pad", &s[1]) ||
         get_i64(args[7], "m", &s[2]) || check_sizes(3, s, fn))
         return NULL;
     const int64_t n = s[0], k_pad = s[1], m = s[2];
@@ -471,7 +513,7 @@ static PyObject *ternary_matmul_impl(int tq1, PyObject *const *args, Py_ssize_t 
         PyErr_Format(shape_error, "%s: pass exactly one of y and acc", fn);
         return NULL;
     }
-    Py_buffer w, xq, sums, as, out, ws = {0};
+    Py_buffer w, xq, sums, as, out, next, ws = {0};
     if (ws_array && get_buf(args[6], "w_scale", 'f', 4, n, 0, &ws)) return NULL;
     if (get_buf(args[0], "packed", 'B', 1, cnt(n, k_pad / per_byte), 0, &w)) goto fail_ws;
     if (get_buf(args[3], "xq", 'b', 1, cnt(m, k_pad), 0, &xq)) goto fail_w;
@@ -479,12 +521,14 @@ static PyObject *ternary_matmul_impl(int tq1, PyObject *const *args, Py_ssize_t 
     if (get_buf(args[5], "a_scale", 'f', 4, m, 0, &as)) goto fail_sums;
     if (get_buf(want_y ? args[8] : args[9], want_y ? "out" : "out (acc)", want_y ? 'f' : 'i', 4, cnt(m, n), 1, &out))
         goto fail_as;
+    if (hint_begin(args, nargs, 10, w.buf, &next)) goto fail_out;
     int st;
     Py_BEGIN_ALLOW_THREADS
     st = (tq1 ? tl_ternary_matmul_tq1 : tl_ternary_matmul)(w.buf, n, k_pad, xq.buf, sums.buf, as.buf,
                                                            ws_array ? ws.buf : &ws_one, ws_array, m,
                                                            want_y ? out.buf : NULL, want_y ? NULL : out.buf);
     Py_END_ALLOW_THREADS
+    hint_end(&next);
     PyBuffer_Release(&out);
     PyBuffer_Release(&as);
     PyBuffer_Release(&sums);
@@ -493,6 +537,8 @@ static PyObject *ternary_matmul_impl(int tq1, PyObject *const *args, Py_ssize_t 
     if (ws_array) PyBuffer_Release(&ws);
     if (st != TL_OK) return raise_status(st), NULL;
     Py_RETURN_NONE;
+fail_out:
+    PyBuffer_Release(&out);
 fail_as:
     PyBuffer_Release(&as);
 fail_sums:
@@ -553,7 +599,7 @@ fail_x:
 /* q8_matmul / q4_matmul(w, wd, n, k, xq, xd, m, y): Q8_0 or Q4_0 weights (bits 8 or 4), Q8_0 activations */
 static PyObject *qblock_matmul(PyObject *const *args, Py_ssize_t nargs, int bits, const char *fn) {
     int64_t s[3];
-    if (check_nargs(nargs, 8, fn) || get_i64(args[2], "n", &s[0]) || get_i64(args[3], "k", &s[1]) ||
+    if (check_nargs_next(nargs, 8, fn) || get_i64(args[2], "n", &s[0]) || get_i64(args[3], "k", &s[1]) ||
         get_i64(args[6], "m", &s[2]) || check_sizes(3, s, fn) || check_qblock(s[1], fn))
         return NULL;
     const int64_t n = s[0], k = s[1], m = s[2];
@@ -565,11 +611,14 @@ static PyObject *qblock_matmul(PyObject *const *args, Py_ssize_t nargs, int bits
         get_buf(args[5], "xd", 'f', 4, cnt(m, k / TL_QBLOCK), 0, &b[nb]) || (++nb, 0) ||
         get_buf(args[7], "out", 'f', 4, cnt(m, n), 1, &b[nb]) || (++nb, 0))
         return release_all(b, nb), NULL;
+    Py_buffer next;
+    if (hint_begin(args, nargs, 8, b[0].buf, &next)) return release_all(b, nb), NULL;
     int st;
     Py_BEGIN_ALLOW_THREADS
     st = bits == 8 ? tl_q8_matmul(b[0].buf, b[1].buf, n, k, b[2].buf, b[3].buf, m, b[4].buf)
                    : tl_q4_matmul(b[0].buf, b[1].buf, n, k, b[2].buf, b[3].buf, m, b[4].buf);
     Py_END_ALLOW_THREADS
+    hint_end(&next);
     release_all(b, nb);
     if (st != TL_OK) return raise_status(st), NULL;
     Py_RETURN_NONE;
@@ -585,30 +634,34 @@ static PyObject *py_q4_matmul(PyObject *self, PyObject *const *args, Py_ssize_t 
     return qblock_matmul(args, nargs, 4, "q4_matmul");
 }
 
-/* float_matmul(w, dtype, n, k, x, m, y) with dtype 0 = f32, 1 = f16, 2 = bf16 (uint16 storage) */
+/* float_matmul(w, dtype, n, k, x, m, y[, next]) with dtype 0 = f32, 1 = f16, 2 = bf16 (uint16 storage) */
 static PyObject *py_float_matmul(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
     int64_t dtype, s[3];
-    if (check_nargs(nargs, 7, "float_matmul") || get_i64(args[1], "dtype", &dtype) ||
+    if (check_nargs_next(nargs, 7, "float_matmul") || get_i64(args[1], "dtype", &dtype) ||
         get_i64(args[2], "n", &s[0]) || get_i64(args[3], "k", &s[1]) || get_i64(args[5], "m", &s[2]) ||
         check_sizes(3, s, "float_matmul"))
         return NULL;
     const int64_t n = s[0], k = s[1], m = s[2];
     static const char wfmt[3] = {'f', 'e', 'H'};
     if (dtype < 0 || dtype > 2) return raise_status(TL_EDTYPE), NULL;
-    Py_buffer w, x, y;
+    Py_buffer w, x, y, next;
     if (get_buf(args[0], "w", wfmt[dtype], dtype == TL_F32 ? 4 : 2, cnt(n, k), 0, &w)) return NULL;
     if (get_buf(args[4], "x", 'f', 4, cnt(m, k), 0, &x)) goto fail_w;
     if (get_buf(args[6], "out", 'f', 4, cnt(m, n), 1, &y)) goto fail_x;
+    if (hint_begin(args, nargs, 7, w.buf, &next)) goto fail_y;
     int st;
     Py_BEGIN_ALLOW_THREADS
     st = tl_float_matmul(w.buf, (int)dtype, n, k, x.buf, m, y.buf);
     Py_END_ALLOW_THREADS
+    hint_end(&next);
     PyBuffer_Release(&y);
     PyBuffer_Release(&x);
     PyBuffer_Release(&w);
     if (st != TL_OK) return raise_status(st), NULL;
     Py_RETURN_NONE;
+fail_y:
+    PyBuffer_Release(&y);
 fail_x:
     PyBuffer_Release(&x);
 fail_w:

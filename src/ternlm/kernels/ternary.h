@@ -235,9 +235,14 @@ void tl_neon_float(const void *w, int dtype, int64_t k, int64_t r0, int64_t r1, 
 #endif
 
 /* ---- internal: thread pool (threads.c) ---------------------------------------------------------- */
-/* Runs fn(ctx, begin, end) over [0, n_items) split into one contiguous range per thread, each
- * boundary a multiple of grain. Serialized: concurrent callers take turns. */
+/* Runs fn(ctx, begin, end) over [0, n_items) in ranges claimed by the threads, each boundary a multiple
+ * of grain. Serialized: concurrent callers take turns. */
 typedef void (*tl_range_fn)(void *ctx, int64_t begin, int64_t end);
 int tl_parallel_for(int64_t n_items, int64_t grain, tl_range_fn fn, void *ctx);
+/* For the calling thread's next tl_parallel_for: the weights it reads (cur) and the next_bytes at next
+ * that the job after it will read, which a worker then reads ahead while the caller does other work. The
+ * caller keeps next alive until tl_reads_ahead(next) is false; a NULL next cancels the hint. */
+void tl_set_read_ahead(const void *cur, const void *next, int64_t next_bytes);
+int tl_reads_ahead(const void *next);
 
 #endif /* TERNLM_TERNARY_H */

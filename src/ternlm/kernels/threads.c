@@ -3,7 +3,12 @@
  * Decode calls a kernel ~200 times per token, so a call must cost microseconds: workers are created
  * once, spin briefly on a generation counter after each job (the next call usually follows within
  * tens of microseconds), then sleep on a condition variable. Every worker acknowledges every job,
- * so the job descriptor is never rewritten while a late worker could still be reading it. */
+ * so the job descriptor is never rewritten while a late worker could still be reading it.
+ *
+ * Between jobs the last worker reads ahead the start of its part of the next weight matrix (named by the
+ * kernel wrapper, tl_set_read_ahead) into its cache: while the caller runs the small ops between two
+ * matmuls, memory would otherwise sit idle. The next job then gives that worker as many more rows as
+ * balance what it no longer has to read from memory. */
 #define _GNU_SOURCE
 #include <pthread.h>
 #include <sched.h>
@@ -13,6 +18,8 @@
 #include "ternary.h"
 
 #define SPIN_NS 200000 /* how long an idle worker spins before sleeping */
+#define READ_AHEAD_BYTES (1 << 20) /* of the next weights, read ahead between jobs: half a 2 MB L2 */
+#define READ_STEP 4096
 
 #if defined(__x86_64__) || defined(__i386__)
 #define CPU_RELAX() __builtin_ia32_pause()
@@ -28,7 +35,7 @@ static struct {
     pthread_cond_t wake;
     pthread_t tids[TL_MAX_THREADS];
     _Atomic int want; /* threads per job, caller included */
-    int nworkers; /* running workers (want - 1 once started, fewer if the OS refused some) */
+    _Atomic int nworkers; /* running workers (want - 1 once started, fewer if the OS refused some) */
     int started;  /* the want the running workers were started for; 0 = none */
     unsigned long start_gen; /* gen when the workers were created: jobs after it are theirs */
     _Atomic unsigned long gen;
@@ -39,6 +46,14 @@ static struct {
     void *ctx;
     int64_t n_items, grain;
     int nparts;
+    int64_t bounds[TL_MAX_THREADS + 1]; /* part p is grains [bounds[p], bounds[p + 1]) */
+    /* read-ahead target: the last worker reads ra_len bytes from ra_start, in steps */
+    _Atomic(const uint8_t *) ra_start;
+    _Atomic int64_t ra_len, ra_done;
+    const uint8_t *ra_base;       /* the target matrix: ra_total bytes from ra_base (call_lock) */
+    int64_t ra_total;
+    _Atomic unsigned long ra_gen; /* bumped at every change of the target */
+    _Atomic int ra_busy;          /* the reader is inside a step */
 } pool = {
     .call_lock = PTHREAD_MUTEX_INITIALIZER,
     .lock = PTHREAD_MUTEX_INITIALIZER,
@@ -54,17 +69,62 @@ static int64_t now_ns(void) {
     return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
 }
 
-/* Part p of nparts: a contiguous range of items with boundaries on multiples of grain. */
 static void run_part(int p) {
-    const int64_t units = (pool.n_items + pool.grain - 1) / pool.grain;
-    const int64_t u0 = units * p / pool.nparts, u1 = units * (p + 1) / pool.nparts;
-    int64_t b = u0 * pool.grain, e = u1 * pool.grain;
+    int64_t b = pool.bounds[p] * pool.grain, e = pool.bounds[p + 1] * pool.grain;
     if (e > pool.n_items) e = pool.n_items;
     if (b < e) pool.fn(pool.ctx, b, e);
 }
 
+/* Even parts of the units, except that the last thread, having `ahead` units of them in its cache already,
+ * gets half of those on top of an even share: it computes on cached rows at about twice the speed it reads
+ * them from memory (the 2-bit decode kernel: 31 against 15 GB/s on one core of the Xeon). */
+static void plan_parts(int64_t units, int nparts, int64_t ahead) {
+    ahead /= 2;
+    int64_t last = nparts > 1 ? units - (units - ahead) / nparts - ahead : 0;
+    if (last < 0) last = 0;
+    for (int p = 0; p < nparts; p++) pool.bounds[p] = nparts > 1 ? last * p / (nparts - 1) : 0;
+    if (ahead == 0)
+        for (int p = 0; p < nparts; p++) pool.bounds[p] = units * p / nparts;
+    pool.bounds[nparts] = units;
+}
+
+/* One step of reading ahead; 0 when there is nothing (more) to read. */
+static int read_ahead_step(void) {
+    const unsigned long g = atomic_load(&pool.ra_gen);
+    const uint8_t *start = atomic_load_explicit(&pool.ra_start, memory_order_relaxed);
+    const int64_t len = atomic_load_explicit(&pool.ra_len, memory_order_relaxed);
+    const int64_t done = atomic_load_explicit(&pool.ra_done, memory_order_relaxed);
+    if (!start || done >= len) return 0;
+    atomic_store(&pool.ra_busy, 1);
+    if (atomic_load(&pool.ra_gen) == g) { /* still the target: set_read_target waits for this step */
+        const int64_t n = len - done < READ_STEP ? len - done : READ_STEP;
+        const volatile uint8_t *p = start + done;
+        for (int64_t i = 0; i < n; i += 64) (void)p[i];
+        atomic_store_explicit(&pool.ra_done, done + n, memory_order_relaxed);
+    }
+    atomic_store_explicit(&pool.ra_busy, 0, memory_order_release);
+    return 1;
+}
+
+/* Changes the read-ahead target; once it returns, no worker reads the old one any more. call_lock held. */
+static void set_read_target(const void *base, int64_t total) {
+    atomic_store(&pool.ra_start, NULL);
+    pool.ra_base = base;
+    pool.ra_total = total;
+    atomic_fetch_add(&pool.ra_gen, 1);
+    while (atomic_load(&pool.ra_busy)) CPU_RELAX();
+    if (!base) return;
+    /* the start of the last part of an even split, which plan_parts hands that worker */
+    const int nthreads = pool.nworkers + 1;
+    const int64_t from = total * (nthreads - 1) / nthreads / 64 * 64, len = total - from;
+    atomic_store_explicit(&pool.ra_len, len < READ_AHEAD_BYTES ? len : READ_AHEAD_BYTES, memory_order_relaxed);
+    atomic_store_explicit(&pool.ra_done, 0, memory_order_relaxed);
+    atomic_store_explicit(&pool.ra_start, (const uint8_t *)base + from, memory_order_relaxed);
+    atomic_fetch_add(&pool.ra_gen, 1);
+}
+
 static void *worker(void *arg) {
-    const int id = (int)(intptr_t)arg; /* 1..nworkers; the caller is part 0 */
+    const int id = (int)(intptr_t)arg; /* 1..nworkers; the caller is thread 0 */
     unsigned long seen = pool.start_gen; /* not the current gen: a job may already be posted */
     for (;;) {
         unsigned long g;
@@ -72,6 +132,7 @@ static void *worker(void *arg) {
         for (unsigned spins = 1;; spins++) {
             g = atomic_load_explicit(&pool.gen, memory_order_acquire);
             if (g != seen) break;
+            if (id == atomic_load_explicit(&pool.nworkers, memory_order_relaxed) && read_ahead_step()) continue;
             CPU_RELAX();
             if ((spins & 255) == 0 && now_ns() - t0 > SPIN_NS) {
                 pthread_mutex_lock(&pool.lock);
@@ -116,6 +177,7 @@ static void stop_workers(void) {
     atomic_store_explicit(&pool.stop, 0, memory_order_relaxed);
     pool.nworkers = 0;
     pool.started = 0;
+    set_read_target(NULL, 0);
 }
 
 /* In a forked child the workers no longer exist: forget them; the next job starts new ones. */
@@ -129,6 +191,9 @@ static void atfork_child(void) {
     pool.started = 0;
     atomic_store(&pool.pending, 0);
     atomic_store(&pool.stop, 0);
+    atomic_store(&pool.ra_start, NULL);
+    atomic_store(&pool.ra_busy, 0);
+    pool.ra_base = NULL;
 }
 static void register_atfork(void) { pthread_atfork(atfork_prepare, atfork_parent, atfork_child); }
 
@@ -158,6 +223,25 @@ int tl_set_threads(int n) {
 
 int tl_get_threads(void) { return atomic_load(&pool.want); }
 
+/* The calling thread's read-ahead hint for its next job: the weights it reads and those read after it. */
+static _Thread_local struct {
+    const void *cur, *next;
+    int64_t next_bytes;
+} hint;
+
+void tl_set_read_ahead(const void *cur, const void *next, int64_t next_bytes) {
+    hint.cur = cur;
+    hint.next = next;
+    hint.next_bytes = next ? next_bytes : 0;
+}
+
+int tl_reads_ahead(const void *next) {
+    pthread_mutex_lock(&pool.call_lock);
+    const int yes = next && pool.ra_base == (const uint8_t *)next;
+    pthread_mutex_unlock(&pool.call_lock);
+    return yes;
+}
+
 int tl_parallel_for(int64_t n_items, int64_t grain, tl_range_fn fn, void *ctx) {
     if (n_items <= 0) return TL_OK;
     if (grain < 1) grain = 1;
@@ -176,9 +260,17 @@ int tl_parallel_for(int64_t n_items, int64_t grain, tl_range_fn fn, void *ctx) {
     pool.n_items = n_items;
     pool.grain = grain;
     pool.nparts = (int)(units < pool.nworkers + 1 ? units : pool.nworkers + 1);
+    /* A job reading the target uses what was read ahead; it, or a job naming a new target, stops the reader. */
+    int64_t ahead = 0;
+    if (pool.ra_base && (const uint8_t *)hint.cur == pool.ra_base && pool.nparts == pool.nworkers + 1)
+        ahead = atomic_load_explicit(&pool.ra_done, memory_order_relaxed) * n_items / pool.ra_total / grain;
+    if (pool.ra_base && (hint.next || (const uint8_t *)hint.cur == pool.ra_base)) set_read_target(NULL, 0);
+    plan_parts(units, pool.nparts, ahead);
     if (pool.nworkers > 0) post();
     run_part(0);
     wait_done();
+    if (hint.next && pool.nworkers > 0)
+        set_read_target(hint.next, hint.next_bytes);
     pthread_mutex_unlock(&pool.call_lock);
     return TL_OK;
 }

@@ -176,22 +176,22 @@ def test_write_is_atomic_and_leaves_no_temporary(tmp_path: Path, monkeypatch: py
 
 
 def test_load_maps_instead_of_copying(tmp_path: Path) -> None:
-    """A 64 MB embedding: loading it must not make the process resident in anything like that size."""
-    statm = Path("/proc/self/statm")
-    if not statm.exists():
-        pytest.skip("needs /proc/self/statm")
+    """A 64 MB embedding: loading maps it (its pages are the page cache's, shared with any other process
+    mapping the file) and copies none of it into the process's own memory."""
+    status = Path("/proc/self/status")
+    if not status.exists():
+        pytest.skip("needs /proc/self/status")
     out = write_native(synthetic(vocab=131072, dim=256, embed_dtype=np.float16), tmp_path / "big.tlm")
 
-    def rss() -> int:
-        return int(statm.read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    def anonymous() -> int:
+        line = next(x for x in status.read_text().splitlines() if x.startswith("RssAnon:"))
+        return int(line.split()[1]) * 1024
 
-    before = rss()
+    before = anonymous()
     loaded = load_native(out)
-    grown = rss() - before
+    grown = anonymous() - before
     assert type(mmap_base(loaded.weights.embed.weight)).__name__ == "mmap"
-    assert grown < out.stat().st_size // 20, f"RSS grew by {grown} bytes for a {out.stat().st_size}-byte file"
-
-
+    assert grown < out.stat().st_size // 20, f"private memory grew by {grown} bytes, file {out.stat().st_size}"
 
 
 def _mount_type(path: Path) -> str:
@@ -207,12 +207,11 @@ def _mount_type(path: Path) -> str:
 @pytest.mark.skipif(not Path("/sys/kernel/mm/transparent_hugepage").exists(), reason="needs Linux huge pages")
 def test_written_file_leaves_the_page_cache_and_maps_for_huge_pages(tmp_path: Path) -> None:
     """Pages left cached by the write would stay 4 KiB-mapped: the writer evicts them, and the loader's
-    mapping asks for 2 MiB pages (VmFlags "hg"), so decode streams the weights from huge pages."""
+    mapping asks for 2 MiB pages (VmFlags "hg")."""
     out = write_native(synthetic(vocab=16384, dim=256, embed_dtype=np.float16), tmp_path / "m.tlm")
     if _mount_type(tmp_path) not in ("tmpfs", "ramfs"):  # in-memory filesystems: the cache is the file
         with open(out, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            pages = -(-len(mm) // mmap.PAGESIZE)
-            vec = (ctypes.c_ubyte * pages)()
+            vec = (ctypes.c_ubyte * -(-len(mm) // mmap.PAGESIZE))()
             view = np.frombuffer(mm, np.uint8)
             assert ctypes.CDLL(None).mincore(ctypes.c_void_p(view.ctypes.data), ctypes.c_size_t(len(mm)), vec) == 0
             del view
@@ -225,6 +224,35 @@ def test_written_file_leaves_the_page_cache_and_maps_for_huge_pages(tmp_path: Pa
             assert "hg" in m[3].split(), f"mapping flags {m[3]}"
             return
     pytest.fail("the embedding's mapping is not in /proc/self/smaps")
+
+
+@pytest.mark.skipif(not Path("/sys/kernel/mm/transparent_hugepage").exists(), reason="needs Linux huge pages")
+def test_load_maps_small_cached_pages_again_as_huge_pages(tmp_path: Path) -> None:
+    """Half the file rewritten in place (the same bytes) sits in the page cache in 4 KiB pages: the loader
+    hands those back and maps the whole file on 2 MiB pages, where this filesystem supports them at all."""
+    out = write_native(synthetic(vocab=65536, dim=512, embed_dtype=np.float16), tmp_path / "m.tlm")
+    mm = native._open(out)[0]
+    mm.madvise(native._MADV_POPULATE_READ)
+    resident, huge = native._mapped_pages(mm)
+    mm.close()
+    if huge < resident // 2:
+        pytest.skip(f"this filesystem maps files on small pages ({huge} of {resident} bytes on 2 MiB pages)")
+    size = out.stat().st_size
+    fd = os.open(out, os.O_RDWR)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.pwrite(fd, os.pread(fd, size // 2, size // 2), size // 2)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    loaded = load_native(out)
+    resident, huge = native._mapped_pages(mmap_base(loaded.weights.embed.weight))
+    assert huge >= resident * 9 // 10, f"{huge} of {resident} resident bytes on 2 MiB pages"
+    ids = np.arange(0, 65536, 997)
+    np.testing.assert_array_equal(loaded.weights.embed.rows(ids), synthetic(vocab=65536, dim=512,
+                                                                            embed_dtype=np.float16).weights.embed.rows(ids))
+
+
 # ---------------------------------------------------------------- checksums and damaged files
 
 

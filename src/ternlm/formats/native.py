@@ -28,6 +28,7 @@ import math
 import mmap
 import os
 import struct
+import sys
 import zlib
 from pathlib import Path
 from typing import Any
@@ -100,11 +101,57 @@ def write_native(model: LoadedModel, out: str | Path) -> Path:
 
 
 def _drop_cached_pages(fd: int) -> None:
-    """Evict a just-written file from the page cache. Written pages sit there in 4 KiB pieces, and a mapping
-    of them stays 4 KiB-paged; read back through load_native's huge-page mapping they come in as 2 MiB
-    pages, which decode streams 10-15 % faster (fewer TLB misses, prefetchers not stopped at every 4 KiB)."""
+    """Evict a just-written file from the page cache: written pages sit there in 4 KiB pieces, which any
+    mapping of them keeps; read back by load_native they come in as huge pages (see _huge_pages)."""
     if hasattr(os, "posix_fadvise"):
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+
+# Linux madvise advice that Python 3.11's mmap module does not name.
+_MADV_PAGEOUT = 21  # Linux 5.4: reclaim the range (clean file pages leave the page cache)
+_MADV_POPULATE_READ = 22  # Linux 5.14: fault the whole range in now
+
+
+def _huge_pages(path: Path, mm: mmap.mmap) -> mmap.mmap:
+    """The file mapped in whole, on 2 MiB pages as far as the kernel and filesystem allow.
+
+    Decode streams weights on 4 KiB pages 10-15 % slower (TLB misses, and the hardware prefetchers stop at
+    every 4 KiB boundary). The page cache keeps a file in the page size it was read or written in, and a
+    mapping takes that size; so when memory pressure has left part of the file in 4 KiB pieces while the
+    rest proves huge pages work here, those pages are handed back once and the file is mapped again.
+    """
+    if sys.platform != "linux" or not hasattr(mmap, "MADV_HUGEPAGE") or len(mm) > _available_memory() // 2:
+        return mm
+    try:
+        mm.madvise(_MADV_POPULATE_READ)
+        resident, huge = _mapped_pages(mm)
+        if huge and resident - huge > resident // 10:
+            mm.madvise(_MADV_PAGEOUT)
+            mm.close()
+            mm, _, _ = _open(path)
+            mm.madvise(_MADV_POPULATE_READ)
+    except OSError:  # an older kernel without the advice: pages fault in as decode reads them
+        pass
+    return mm
+
+
+def _available_memory() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _mapped_pages(mm: mmap.mmap) -> tuple[int, int]:
+    """(resident bytes, bytes on 2 MiB pages) of the mapping, from /proc/self/smaps."""
+    start = np.frombuffer(mm, np.uint8, 1).ctypes.data
+    text = Path("/proc/self/smaps").read_text()
+    at = text.find(f"{start:x}-")
+    if at < 0 or (at > 0 and text[at - 1] != "\n"):
+        return 0, 0
+    block = text[at:text.find("VmFlags:", at)]
+    field = {k: int(v.split()[0]) * 1024 for k, v in (line.split(":", 1) for line in block.splitlines()[1:])}
+    return field.get("Rss", 0), field.get("FilePmdMapped", 0)
 
 
 def _describe_weights(w: ModelWeights, tensors: list[tuple[str, np.ndarray]]) -> dict[str, Any]:
@@ -208,6 +255,7 @@ def load_native(path: str | Path) -> LoadedModel:
     """
     path = Path(path)
     mm, header, data_start = _open(path)
+    mm = _huge_pages(path, mm)
     views = _tensor_views(path, mm, header, data_start)
     config = _read_config(path, header.get("config"))
     weights = _Weights(path, views, config).build(header.get("weights"))
@@ -252,7 +300,7 @@ def _open(path: Path) -> tuple[mmap.mmap, dict[str, Any], int]:
     except OSError as e:
         raise FormatError(f"{path}: cannot read: {e}") from e
     with contextlib.suppress(AttributeError, OSError):  # a kernel without transparent huge pages: 4 KiB pages
-        mm.madvise(mmap.MADV_HUGEPAGE)  # see _drop_cached_pages
+        mm.madvise(mmap.MADV_HUGEPAGE)  # see _huge_pages
     magic, version, header_crc, header_len = _PREFIX.unpack_from(mm, 0)
     if magic != NATIVE_MAGIC:
         raise FormatError(f"{path}: not a ternlm file (magic {magic!r})")

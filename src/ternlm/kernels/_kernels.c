@@ -188,7 +188,7 @@ static int ternary_matmul(int tq1, const uint8_t *w, int64_t n, int64_t k_pad, c
     const tl_isa *cur = isa();
     ternary_job job = {tq1 ? cur->ternary_tq1 : cur->ternary, w, n, k_pad, m, xq, sums, a_scale, w_scale,
                        ws_stride, y, y ? NULL : acc_out};
-    return tl_parallel_for(n, row_grain(k_pad / (tq1 ? 5 : 4), m), ternary_range, &job);
+    return tl_parallel_for(n, row_grain(k_pad / (tq1 ? 5 : 4), m), m == 1, ternary_range, &job);
 }
 
 int tl_ternary_matmul(const uint8_t *w, int64_t n, int64_t k_pad, const int8_t *xq, const int32_t *sums,
@@ -224,7 +224,7 @@ int tl_float_matmul(const void *w, int dtype, int64_t n, int64_t k, const float 
     if (!product_ok(n, k) || !product_ok(m, k) || !product_ok(m, n)) return TL_ERANGE;
     float_job job = {isa()->floatmm, w, dtype, n, k, m, x, y};
     const int64_t esize = dtype == TL_F32 ? 4 : 2;
-    return tl_parallel_for(n, row_grain(k * esize, m), float_range, &job);
+    return tl_parallel_for(n, row_grain(k * esize, m), m == 1, float_range, &job);
 }
 
 int tl_quantize_q8_0(const float *x, int64_t m, int64_t k, int8_t *xq, float *xd) {
@@ -258,7 +258,7 @@ int tl_q8_matmul(const int8_t *w, const uint16_t *wd, int64_t n, int64_t k, cons
     if (k % TL_QBLOCK != 0) return TL_EQBLOCK;
     if (!product_ok(n, k) || !product_ok(m, k) || !product_ok(m, n)) return TL_ERANGE;
     q8_job job = {isa()->q8, w, wd, n, k, m, xq, xd, y};
-    return tl_parallel_for(n, row_grain(k + k / TL_QBLOCK * 2, m), q8_range, &job);
+    return tl_parallel_for(n, row_grain(k + k / TL_QBLOCK * 2, m), m == 1, q8_range, &job);
 }
 
 typedef struct {
@@ -283,7 +283,7 @@ int tl_q4_matmul(const uint8_t *w, const uint16_t *wd, int64_t n, int64_t k, con
     if (k % TL_QBLOCK != 0) return TL_EQBLOCK;
     if (!product_ok(n, k) || !product_ok(m, k) || !product_ok(m, n)) return TL_ERANGE;
     q4_job job = {isa()->q4, w, wd, n, k, m, xq, xd, y};
-    return tl_parallel_for(n, row_grain(k / 2 + k / TL_QBLOCK * 2, m), q4_range, &job);
+    return tl_parallel_for(n, row_grain(k / 2 + k / TL_QBLOCK * 2, m), m == 1, q4_range, &job);
 }
 
 /* ---- a read-bandwidth probe (benchmarks): one pass over a buffer, split like a matmul's rows ---- */
@@ -318,7 +318,7 @@ static uint64_t tl_read_probe(const uint8_t *buf, int64_t n_pages) {
 #if defined(__x86_64__)
     if (__builtin_cpu_supports("avx512f")) fn = read_range512;
 #endif
-    tl_parallel_for(n_pages, 64, fn, &job);
+    tl_parallel_for(n_pages, 64, 1, fn, &job);
     return atomic_load(&job.sum);
 }
 

@@ -297,7 +297,7 @@ int tl_attention_decode(const float *qkv, float *k_cache, float *v_cache, int64_
     const int st = store_kv(qkv, k_cache, v_cache, max_len, pos, cos, sin, n_heads, n_kv, hd);
     if (st != TL_OK) return st;
     attn_job job = {qkv, cos, sin, k_cache, v_cache, scores, out, max_len, pos + 1, n_heads, n_kv, hd, scale};
-    return tl_parallel_for(n_kv, 1, attend_kv_heads, &job);
+    return tl_parallel_for(n_kv, 1, 1, attend_kv_heads, &job);
 }
 
 int tl_attention_decode_batch(int64_t b, const float *qkv, float *const *k_caches, float *const *v_caches,
@@ -321,7 +321,7 @@ int tl_attention_decode_batch(int64_t b, const float *qkv, float *const *k_cache
     }
     if (st == TL_OK) {
         attn_batch bt = {jobs, n_kv};
-        st = tl_parallel_for(b * n_kv, 1, attend_batch_items, &bt);
+        st = tl_parallel_for(b * n_kv, 1, 1, attend_batch_items, &bt);
     }
     free(jobs);
     return st;

@@ -235,10 +235,12 @@ void tl_neon_float(const void *w, int dtype, int64_t k, int64_t r0, int64_t r1, 
 #endif
 
 /* ---- internal: thread pool (threads.c) ---------------------------------------------------------- */
-/* Runs fn(ctx, begin, end) over [0, n_items) in ranges claimed by the threads, each boundary a multiple
- * of grain. Serialized: concurrent callers take turns. */
+/* Runs fn(ctx, begin, end) over [0, n_items) split into one part per thread, each boundary a multiple of
+ * grain. balanced: fn is called on a few grains at a time, and threads done early take over the rest of
+ * the others' parts (for fn without a set-up cost per call); else once per part. Serialized: concurrent
+ * callers take turns. */
 typedef void (*tl_range_fn)(void *ctx, int64_t begin, int64_t end);
-int tl_parallel_for(int64_t n_items, int64_t grain, tl_range_fn fn, void *ctx);
+int tl_parallel_for(int64_t n_items, int64_t grain, int balanced, tl_range_fn fn, void *ctx);
 /* For the calling thread's next tl_parallel_for: the weights it reads (cur) and the next_bytes at next
  * that the job after it will read, which a worker then reads ahead while the caller does other work. The
  * caller keeps next alive until tl_reads_ahead(next) is false; a NULL next cancels the hint. */

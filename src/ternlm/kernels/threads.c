@@ -5,6 +5,11 @@
  * tens of microseconds), then sleep on a condition variable. Every worker acknowledges every job,
  * so the job descriptor is never rewritten while a late worker could still be reading it.
  *
+ * Each thread owns one contiguous part of a job. In a balanced job it takes its part a few grains at a
+ * time and, done early, takes grains from the end of the others' parts, so that a thread slowed by a
+ * neighbour on its core (or woken late) does not hold up the rest; a static job runs each part as one
+ * call, for kernels with a set-up cost per call.
+ *
  * Between jobs the last worker reads ahead the start of its part of the next weight matrix (named by the
  * kernel wrapper, tl_set_read_ahead) into its cache: while the caller runs the small ops between two
  * matmuls, memory would otherwise sit idle. The next job then gives that worker as many more rows as
@@ -20,6 +25,8 @@
 #define SPIN_NS 200000 /* how long an idle worker spins before sleeping */
 #define READ_AHEAD_BYTES (1 << 20) /* of the next weights, read ahead between jobs: half a 2 MB L2 */
 #define READ_STEP 4096
+#define OWN_GRAINS 4   /* grains an owner takes at a time in a balanced job: ~256 KB of weights */
+#define STEAL_GRAINS 1 /* and a thief from the end of another part */
 
 #if defined(__x86_64__) || defined(__i386__)
 #define CPU_RELAX() __builtin_ia32_pause()
@@ -45,8 +52,9 @@ static struct {
     tl_range_fn fn;
     void *ctx;
     int64_t n_items, grain;
-    int nparts;
+    int nparts, balanced;
     int64_t bounds[TL_MAX_THREADS + 1]; /* part p is grains [bounds[p], bounds[p + 1]) */
+    _Atomic uint64_t left[TL_MAX_THREADS]; /* part p's grains not yet taken: first (low 32 bits), end (high) */
     /* read-ahead target: the last worker reads ra_len bytes from ra_start, in steps */
     _Atomic(const uint8_t *) ra_start;
     _Atomic int64_t ra_len, ra_done;
@@ -69,10 +77,28 @@ static int64_t now_ns(void) {
     return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
 }
 
+/* Takes up to n grains of part p, from its start (the owner) or its end (a thief); 0 when none are left. */
+static int take(int p, int from_end, int64_t n, int64_t *b, int64_t *e) {
+    uint64_t c = atomic_load_explicit(&pool.left[p], memory_order_relaxed);
+    for (;;) {
+        const int64_t first = (int64_t)(c & 0xffffffffu), end = (int64_t)(c >> 32);
+        if (first >= end) return 0;
+        const int64_t t = end - first < n ? end - first : n, u0 = from_end ? end - t : first;
+        const uint64_t next = from_end ? (uint64_t)u0 << 32 | (uint64_t)first : (uint64_t)end << 32 | (uint64_t)(u0 + t);
+        if (atomic_compare_exchange_weak_explicit(&pool.left[p], &c, next, memory_order_relaxed,
+                                                  memory_order_relaxed)) {
+            *b = u0 * pool.grain;
+            *e = (u0 + t) * pool.grain < pool.n_items ? (u0 + t) * pool.grain : pool.n_items;
+            return 1;
+        }
+    }
+}
+
 static void run_part(int p) {
-    int64_t b = pool.bounds[p] * pool.grain, e = pool.bounds[p + 1] * pool.grain;
-    if (e > pool.n_items) e = pool.n_items;
-    if (b < e) pool.fn(pool.ctx, b, e);
+    int64_t b, e;
+    while (take(p, 0, pool.balanced ? OWN_GRAINS : INT32_MAX, &b, &e)) pool.fn(pool.ctx, b, e);
+    for (int q = 1; pool.balanced && q < pool.nparts; q++)
+        while (take((p + q) % pool.nparts, 1, STEAL_GRAINS, &b, &e)) pool.fn(pool.ctx, b, e);
 }
 
 /* Even parts of the units, except that the last thread, having `ahead` units of them in its cache already,
@@ -86,6 +112,9 @@ static void plan_parts(int64_t units, int nparts, int64_t ahead) {
     if (ahead == 0)
         for (int p = 0; p < nparts; p++) pool.bounds[p] = units * p / nparts;
     pool.bounds[nparts] = units;
+    for (int p = 0; p < nparts; p++)
+        atomic_store_explicit(&pool.left[p], (uint64_t)pool.bounds[p + 1] << 32 | (uint64_t)pool.bounds[p],
+                              memory_order_relaxed);
 }
 
 /* One step of reading ahead; 0 when there is nothing (more) to read. */
@@ -242,9 +271,10 @@ int tl_reads_ahead(const void *next) {
     return yes;
 }
 
-int tl_parallel_for(int64_t n_items, int64_t grain, tl_range_fn fn, void *ctx) {
+int tl_parallel_for(int64_t n_items, int64_t grain, int balanced, tl_range_fn fn, void *ctx) {
     if (n_items <= 0) return TL_OK;
     if (grain < 1) grain = 1;
+    if ((n_items + grain - 1) / grain > INT32_MAX) grain = (n_items + INT32_MAX - 1) / INT32_MAX; /* 32-bit halves */
     const int64_t units = (n_items + grain - 1) / grain;
     if (atomic_load_explicit(&pool.want, memory_order_relaxed) == 1 || units == 1) {
         fn(ctx, 0, n_items);
@@ -259,6 +289,7 @@ int tl_parallel_for(int64_t n_items, int64_t grain, tl_range_fn fn, void *ctx) {
     pool.ctx = ctx;
     pool.n_items = n_items;
     pool.grain = grain;
+    pool.balanced = balanced;
     pool.nparts = (int)(units < pool.nworkers + 1 ? units : pool.nworkers + 1);
     /* A job reading the target uses what was read ahead; it, or a job naming a new target, stops the reader. */
     int64_t ahead = 0;

@@ -38,10 +38,11 @@ def test_glu_rejects_bad_input() -> None:
 
 @settings(max_examples=30, deadline=None)
 @given(n_kv=st.sampled_from([1, 2, 4]), group=st.sampled_from([1, 3, 4]), hd=st.sampled_from([2, 16, 64, 128]),
-       pos=st.integers(0, 40), seed=st.integers(0, 2**32 - 1))
+       pos=st.one_of(st.integers(0, 70), st.integers(0, 300)), seed=st.integers(0, 2**32 - 1))
 def test_attention_decode(n_kv: int, group: int, hd: int, pos: int, seed: int) -> None:
+    """Against numpy, for contexts of one and of several 64-position chunks."""
     rng = np.random.default_rng(seed)
-    n_heads, max_len = n_kv * group, 48
+    n_heads, max_len = n_kv * group, 320
     qkv = rng.standard_normal((n_heads + 2 * n_kv) * hd).astype(np.float32)
     k_cache = rng.standard_normal((n_kv, max_len, hd)).astype(np.float32)
     v_cache = rng.standard_normal((n_kv, max_len, hd)).astype(np.float32)
@@ -67,13 +68,13 @@ def test_attention_decode_checks_position() -> None:
 
 def _batch_case(rng: np.random.Generator, b: int, n_kv: int, group: int, hd: int, same_len: bool):
     n_heads = n_kv * group
-    lens = [40] * b if same_len else [int(x) for x in rng.integers(1, 40, b)]
+    lens = [150] * b if same_len else [int(x) for x in rng.integers(1, 150, b)]
     positions = [int(rng.integers(0, n)) for n in lens]
     qkv = rng.standard_normal((b, (n_heads + 2 * n_kv) * hd)).astype(np.float32)
     ks = [rng.standard_normal((n_kv, n, hd)).astype(np.float32) for n in lens]
     vs = [rng.standard_normal((n_kv, n, hd)).astype(np.float32) for n in lens]
     scores = [np.empty((n_heads, n), np.float32) for n in lens]
-    angles = rng.uniform(0, 6.3, (40, hd // 2)).astype(np.float32)
+    angles = rng.uniform(0, 6.3, (150, hd // 2)).astype(np.float32)
     return n_heads, positions, qkv, ks, vs, scores, np.cos(angles), np.sin(angles)
 
 
@@ -101,6 +102,23 @@ def test_attention_decode_batch_matches_per_sequence(b: int, n_kv: int, group: i
         np.testing.assert_array_equal(vs[j], vs_ref[j])
 
 
+def test_attention_decode_bits_do_not_depend_on_threads() -> None:
+    """The work is split into fixed chunks of positions, merged in order: any thread count, the same bits."""
+    rng = np.random.default_rng(7)
+    n_heads, positions, qkv, ks, vs, scores, cos, sin = _batch_case(rng, 3, 5, 4, 128, False)
+    before = kernels.get_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            kernels.set_threads(threads)
+            results.append(kernels.attention_decode_batch(qkv, [k.copy() for k in ks], [v.copy() for v in vs],
+                                                          positions, cos, sin, n_heads, 128 ** -0.5, scores))
+    finally:
+        kernels.set_threads(before)
+    for got in results[1:]:
+        np.testing.assert_array_equal(got.view(np.uint32), results[0].view(np.uint32))
+
+
 def test_attention_decode_batch_rejects_bad_input() -> None:
     rng = np.random.default_rng(0)
     n_heads, positions, qkv, ks, vs, scores, cos, sin = _batch_case(rng, 3, 2, 2, 16, True)
@@ -117,7 +135,7 @@ def test_attention_decode_batch_rejects_bad_input() -> None:
     with pytest.raises(ShapeError, match="as many"):
         call(qkv=qkv[:2])
     with pytest.raises(ShapeError):
-        call(positions=[0, 40, 0])  # past max_len
+        call(positions=[0, 150, 0])  # past max_len
     with pytest.raises(ShapeError):
         call(positions=[0, -1, 0])
     with pytest.raises(ShapeError):

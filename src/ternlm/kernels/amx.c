@@ -30,40 +30,6 @@ typedef struct {
     uint8_t rows[16];
 } tile_config;
 
-/* Per-thread scratch (activations in VNNI order + the weight panel), freed when the thread exits. */
-static pthread_key_t scratch_key;
-static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
-typedef struct {
-    size_t size;
-    uint8_t *p;
-} scratch;
-
-static void scratch_free(void *s) {
-    free(((scratch *)s)->p);
-    free(s);
-}
-static void scratch_init(void) { pthread_key_create(&scratch_key, scratch_free); }
-
-static uint8_t *scratch_get(size_t size) {
-    pthread_once(&scratch_once, scratch_init);
-    scratch *s = pthread_getspecific(scratch_key);
-    if (!s) {
-        s = calloc(1, sizeof *s);
-        if (!s || pthread_setspecific(scratch_key, s) != 0) {
-            free(s);
-            return NULL;
-        }
-    }
-    if (s->size < size) {
-        free(s->p);
-        s->size = 0;
-        s->p = aligned_alloc(64, (size + 63) / 64 * 64);
-        if (!s->p) return NULL;
-        s->size = size;
-    }
-    return s->p;
-}
-
 /* xq (m, k_pad) -> xt: per group g of 16 tokens, (k_pad/4) rows of 16 tokens x 4 bytes; missing tokens 0. */
 static void to_vnni(const int8_t *xq, int64_t m, int64_t k_pad, uint8_t *xt) {
     const int64_t groups = (m + 15) / 16, k4 = k_pad / 4;
@@ -114,7 +80,7 @@ void tl_amx_ternary(const uint8_t *w, int64_t k_pad, int64_t r0, int64_t r1, con
     const int64_t row_bytes = k_pad / 4, nblk = k_pad / TL_BLOCK, groups = (m + 15) / 16;
     const int panel = m > PANEL_TOKENS;
     const size_t xt_bytes = (size_t)(groups * 16 * k_pad);
-    uint8_t *xt = m >= MIN_TOKENS && r1 - r0 >= 16 ? scratch_get(xt_bytes + (size_t)(panel ? nblk : AHEAD + 1) * SLOT_BYTES) : NULL;
+    uint8_t *xt = m >= MIN_TOKENS && r1 - r0 >= 16 ? tl_scratch(TL_SCRATCH_AMX, xt_bytes + (size_t)(panel ? nblk : AHEAD + 1) * SLOT_BYTES) : NULL;
     if (!xt) { /* few tokens, fewer than 16 rows, or no memory for the scratch */
         tl_avx512_ternary(w, k_pad, r0, r1, xq, sums, a_scale, w_scale, ws_stride, m, ldy, y, acc_out);
         return;
@@ -246,7 +212,7 @@ void tl_amx_q8(const int8_t *w, const uint16_t *wd, int64_t k, int64_t r0, int64
     const int64_t nb = k / TL_QBLOCK, groups = (m + 15) / 16;
     const size_t xt_bytes = (size_t)(groups * 16 * k), xdt_bytes = (size_t)(groups * nb * 16) * 4,
                  wdf_bytes = (size_t)(16 * nb) * 4, lane_bytes = 16 * 16 * 16 * 4;
-    uint8_t *xt = m >= Q8_MIN_TOKENS && r1 - r0 >= 16 ? scratch_get(xt_bytes + xdt_bytes + wdf_bytes + lane_bytes) : NULL;
+    uint8_t *xt = m >= Q8_MIN_TOKENS && r1 - r0 >= 16 ? tl_scratch(TL_SCRATCH_AMX, xt_bytes + xdt_bytes + wdf_bytes + lane_bytes) : NULL;
     if (!xt) {
         tl_avx512_q8(w, wd, k, r0, r1, xq, xd, m, ldy, y);
         return;

@@ -134,9 +134,10 @@ INLINE float exp_nonpositive(float x) {
     return p * two_n;
 }
 
-/* Softmax of x (n) in place: max and sum as 16-lane vectors (fixed order, so every ISA clone gets the same
- * bits), which a plain loop would run as one serial chain of n dependent adds. */
-INLINE void softmax(float *x, int64_t n) {
+/* The unnormalized softmax of x (n) in place, x <- exp(x - max): returns the max, and the sum in *total.
+ * Max and sum run as 16-lane vectors (a fixed order, so every ISA clone gets the same bits), which a plain
+ * loop would run as one serial chain of n dependent adds. */
+INLINE float exp_shifted(float *x, int64_t n, float *total) {
     v16 vtop = (v16){0} - INFINITY;
     int64_t s = 0;
     for (; s + 16 <= n; s += 16) {
@@ -150,9 +151,10 @@ INLINE void softmax(float *x, int64_t n) {
     for (int64_t t = 0; t < n; t++) x[t] = exp_nonpositive(x[t] - top);
     v16 vsum = {0};
     for (s = 0; s + 16 <= n; s += 16) vsum += load16(x + s);
-    float total = hsum16(vsum);
-    for (int64_t t = s; t < n; t++) total += x[t];
-    for (int64_t t = 0; t < n; t++) x[t] /= total;
+    float sum = hsum16(vsum);
+    for (int64_t t = s; t < n; t++) sum += x[t];
+    *total = sum;
+    return top;
 }
 
 /* out[h] (hd) = sum_s p[h][s] * values[s] for the query heads h < nh (<= 4) of one KV head; p rows are
@@ -226,103 +228,161 @@ INLINE void rope(const float *x, const float *cos, const float *sin, int hd, flo
     }
 }
 
-/* Query heads of one KV head are processed together, so each cached key and value row is read once
- * per KV head rather than once per query head; KV heads are split across the thread pool. */
+/* Decode attention is split into items of (sequence, KV head, chunk of ATTN_CHUNK positions), so that the
+ * threads share it evenly however few KV heads there are and however long the context. An item reads each
+ * cached key and value row once for all query heads of its KV head, and leaves per query head the max
+ * score, the sum of exp(score - max) and the values weighted by the chunk's own softmax; a second pass
+ * merges a head's chunks in order (a context of one chunk keeps its bits). The chunks are fixed, so the
+ * result does not depend on the number of threads. */
+#define ATTN_CHUNK 64
+
 typedef struct {
-    const float *qkv, *cos, *sin;
-    float *k_cache, *v_cache, *scores, *out;
-    int64_t max_len, len;
+    const float *k_cache, *v_cache;
+    float *q;      /* (n_heads, hd): the token's roped queries */
+    float *scores; /* (n_heads, max_len) scratch */
+    float *part;   /* per (KV head, chunk): group maxima, group sums, group x hd weighted values */
+    float *out;    /* (n_heads, hd) */
+    int64_t max_len, len, chunks;
+} attn_seq;
+
+typedef struct {
+    const attn_seq *seqs;
+    const int64_t *first; /* first item of each sequence; first[b] = all items */
+    int64_t b;
     int n_heads, n_kv, hd;
     float scale;
 } attn_job;
 
-/* The query heads of KV head g of one sequence's job. */
-INLINE void attend_kv_head(const attn_job *j, int64_t g) {
+INLINE int64_t part_floats(const attn_job *j) { return (int64_t)(j->n_heads / j->n_kv) * (j->hd + 2); }
+
+/* The sequence an item belongs to (first is sorted; batches are small). */
+INLINE int64_t seq_of(const attn_job *j, int64_t item) {
+    int64_t lo = 0, hi = j->b - 1;
+    while (lo < hi) {
+        const int64_t mid = (lo + hi + 1) / 2;
+        if (j->first[mid] <= item) lo = mid; else hi = mid - 1;
+    }
+    return lo;
+}
+
+INLINE void attend_chunk(const attn_job *j, const attn_seq *sq, int64_t g, int64_t c) {
     const int group = j->n_heads / j->n_kv, hd = j->hd;
-    float qr[TL_MAX_GROUP * TL_MAX_HEAD_DIM];
-    const float *keys = j->k_cache + g * j->max_len * hd, *values = j->v_cache + g * j->max_len * hd;
-    float *scores = j->scores + g * group * j->max_len; /* (group, max_len) */
-    for (int h = 0; h < group; h++) rope(j->qkv + (g * group + h) * hd, j->cos, j->sin, hd, qr + h * hd);
+    const int64_t s0 = c * ATTN_CHUNK, n = sq->len - s0 < ATTN_CHUNK ? sq->len - s0 : ATTN_CHUNK;
+    const float *keys = sq->k_cache + (g * sq->max_len + s0) * hd, *values = sq->v_cache + (g * sq->max_len + s0) * hd;
+    const float *q = sq->q + g * group * hd;
+    float *scores = sq->scores + g * group * sq->max_len + s0; /* row h at h * max_len */
+    float *part = sq->part + (g * sq->chunks + c) * part_floats(j), *sums = part + group, *acc = part + 2 * group;
     for (int h = 0; h < group; h += 4) {
         if (group - h >= 4) /* constant head count: the heads' loops unroll */
-            score_all(qr + h * hd, 4, keys, j->len, hd, j->scale, scores + h * j->max_len, j->max_len);
+            score_all(q + h * hd, 4, keys, n, hd, j->scale, scores + h * sq->max_len, sq->max_len);
         else
-            score_all(qr + h * hd, group - h, keys, j->len, hd, j->scale, scores + h * j->max_len, j->max_len);
+            score_all(q + h * hd, group - h, keys, n, hd, j->scale, scores + h * sq->max_len, sq->max_len);
     }
-    for (int h = 0; h < group; h++) softmax(scores + h * j->max_len, j->len);
+    for (int h = 0; h < group; h++) {
+        float *sc = scores + h * sq->max_len;
+        part[h] = exp_shifted(sc, n, &sums[h]);
+        for (int64_t t = 0; t < n; t++) sc[t] /= sums[h];
+    }
     for (int h = 0; h < group; h += 4) {
-        float *o = j->out + (g * group + h) * hd;
         if (group - h >= 4)
-            weigh_values(scores + h * j->max_len, j->max_len, 4, values, j->len, hd, o);
+            weigh_values(scores + h * sq->max_len, sq->max_len, 4, values, n, hd, acc + h * hd);
         else
-            weigh_values(scores + h * j->max_len, j->max_len, group - h, values, j->len, hd, o);
+            weigh_values(scores + h * sq->max_len, sq->max_len, group - h, values, n, hd, acc + h * hd);
     }
 }
 
-CLONES static void attend_kv_heads(void *arg, int64_t g0, int64_t g1) {
-    for (int64_t g = g0; g < g1; g++) attend_kv_head(arg, g);
-}
-
-/* Items of a batch: (sequence, KV head) pairs, item = sequence * n_kv + head. */
-typedef struct {
-    const attn_job *jobs;
-    int n_kv;
-} attn_batch;
-
-CLONES static void attend_batch_items(void *arg, int64_t i0, int64_t i1) {
-    const attn_batch *bt = arg;
-    for (int64_t i = i0; i < i1; i++) attend_kv_head(&bt->jobs[i / bt->n_kv], i % bt->n_kv);
-}
-
-/* Checks the sizes and stores this token's roped key and its value at pos. */
-static int store_kv(const float *qkv, float *k_cache, float *v_cache, int64_t max_len, int64_t pos,
-                    const float *cos, const float *sin, int n_heads, int n_kv, int hd) {
-    if (!qkv || !k_cache || !v_cache || !cos || !sin) return TL_ENULL;
-    if (n_heads <= 0 || n_kv <= 0 || hd <= 0 || max_len <= 0) return TL_ESIZE;
-    if (n_heads % n_kv || n_heads / n_kv > TL_MAX_GROUP || hd % 2 || hd > TL_MAX_HEAD_DIM || pos < 0 ||
-        pos >= max_len)
-        return TL_ERANGE;
-    const float *k = qkv + (int64_t)n_heads * hd, *v = k + (int64_t)n_kv * hd;
-    for (int g = 0; g < n_kv; g++) {
-        rope(k + (int64_t)g * hd, cos, sin, hd, k_cache + ((int64_t)g * max_len + pos) * hd);
-        memcpy(v_cache + ((int64_t)g * max_len + pos) * hd, v + (int64_t)g * hd, (size_t)hd * sizeof(float));
+CLONES static void attend_items(void *arg, int64_t i0, int64_t i1) {
+    const attn_job *j = arg;
+    for (int64_t i = i0; i < i1; i++) {
+        const int64_t sq = seq_of(j, i), r = i - j->first[sq], chunks = j->seqs[sq].chunks;
+        attend_chunk(j, &j->seqs[sq], r / chunks, r % chunks);
     }
-    return TL_OK;
+}
+
+/* out[h] = sum_c (w_c sum_c[h] / total) acc_c[h], w_c = exp(max_c[h] - the max over c), total = sum_c w_c sum_c[h]. */
+CLONES static void merge_heads(void *arg, int64_t i0, int64_t i1) {
+    const attn_job *j = arg;
+    const int group = j->n_heads / j->n_kv, hd = j->hd;
+    for (int64_t i = i0; i < i1; i++) {
+        const attn_seq *sq = &j->seqs[i / j->n_kv];
+        const int64_t g = i % j->n_kv;
+        const float *parts = sq->part + g * sq->chunks * part_floats(j);
+        for (int h = 0; h < group; h++) {
+            const int64_t pf = part_floats(j);
+            float top = -INFINITY, total = 0.0f, *o = sq->out + (g * group + h) * hd;
+            for (int64_t c = 0; c < sq->chunks; c++) top = parts[c * pf + h] > top ? parts[c * pf + h] : top;
+            for (int64_t c = 0; c < sq->chunks; c++) total += exp_nonpositive(parts[c * pf + h] - top) * parts[c * pf + group + h];
+            memset(o, 0, (size_t)hd * sizeof *o);
+            for (int64_t c = 0; c < sq->chunks; c++) {
+                const float *p = parts + c * pf, *acc = p + 2 * group + h * hd;
+                const float coef = exp_nonpositive(p[h] - top) * p[group + h] / total;
+                for (int d = 0; d < hd; d++) o[d] += coef * acc[d];
+            }
+        }
+    }
+}
+
+/* Attention of b sequences, sequence i at pos[i] (see tl_attention_decode_batch): keys and values stored,
+ * queries roped, then the two passes over the thread pool. */
+static int attention_decode(int64_t b, const float *qkv, float *const *k_caches, float *const *v_caches,
+                            const int64_t *max_lens, const int64_t *pos, const float *cos, const float *sin,
+                            int64_t trig_stride, int n_heads, int n_kv, int hd, float scale, float *const *scores,
+                            float *out) {
+    if (!qkv || !k_caches || !v_caches || !max_lens || !pos || !cos || !sin || !scores || !out) return TL_ENULL;
+    if (b <= 0 || n_heads <= 0 || n_kv <= 0 || hd <= 0) return TL_ESIZE;
+    if (n_heads % n_kv || n_heads / n_kv > TL_MAX_GROUP || hd % 2 || hd > TL_MAX_HEAD_DIM) return TL_ERANGE;
+    if (b > ((int64_t)1 << 30) / n_heads) return TL_ERANGE;
+    int64_t parts = 0, items = 0;
+    for (int64_t i = 0; i < b; i++) {
+        if (!scores[i]) return TL_ENULL;
+        if (pos[i] < 0 || pos[i] >= max_lens[i] || max_lens[i] > ((int64_t)1 << 40) / hd) return TL_ERANGE;
+        const int64_t chunks = (pos[i] + 1 + ATTN_CHUNK - 1) / ATTN_CHUNK;
+        parts += n_kv * chunks;
+        items += n_kv * chunks;
+    }
+    const int group = n_heads / n_kv;
+    const int64_t row = (int64_t)(n_heads + 2 * n_kv) * hd, half = hd / 2, pf = (int64_t)group * (hd + 2);
+    /* scratch: the per-sequence records, the item offsets, the roped queries, the chunk partials */
+    const size_t bytes = (size_t)b * sizeof(attn_seq) + (size_t)(b + 1) * sizeof(int64_t) +
+                         (size_t)(b * n_heads * hd + parts * pf) * sizeof(float);
+    uint8_t *mem = tl_scratch(TL_SCRATCH_ATTENTION, bytes);
+    if (!mem) return TL_ERANGE;
+    attn_seq *seqs = (attn_seq *)mem;
+    int64_t *first = (int64_t *)(seqs + b);
+    float *q = (float *)(first + b + 1), *part = q + b * n_heads * hd;
+    first[0] = 0;
+    for (int64_t i = 0; i < b; i++) {
+        const float *x = qkv + i * row, *c = cos + pos[i] * trig_stride, *s = sin + pos[i] * trig_stride;
+        const float *k = x + (int64_t)n_heads * hd, *v = k + (int64_t)n_kv * hd;
+        for (int g = 0; g < n_kv; g++) {
+            rope(k + (int64_t)g * hd, c, s, hd, k_caches[i] + ((int64_t)g * max_lens[i] + pos[i]) * hd);
+            memcpy(v_caches[i] + ((int64_t)g * max_lens[i] + pos[i]) * hd, v + (int64_t)g * hd,
+                   (size_t)hd * sizeof(float));
+        }
+        for (int h = 0; h < n_heads; h++) rope(x + (int64_t)h * hd, c, s, hd, q + (i * n_heads + h) * hd);
+        const int64_t chunks = (pos[i] + ATTN_CHUNK) / ATTN_CHUNK;
+        seqs[i] = (attn_seq){k_caches[i], v_caches[i], q + i * n_heads * hd, scores[i], part, out + i * n_heads * hd,
+                             max_lens[i], pos[i] + 1, chunks};
+        part += n_kv * chunks * pf;
+        first[i + 1] = first[i] + n_kv * chunks;
+    }
+    (void)half;
+    attn_job job = {seqs, first, b, n_heads, n_kv, hd, scale};
+    int st = tl_parallel_for(items, 1, 1, attend_items, &job);
+    if (st == TL_OK) st = tl_parallel_for(b * n_kv, 1, 1, merge_heads, &job);
+    return st;
 }
 
 int tl_attention_decode(const float *qkv, float *k_cache, float *v_cache, int64_t max_len, int64_t pos,
                         const float *cos, const float *sin, int n_heads, int n_kv, int hd, float scale,
                         float *scores, float *out) {
-    if (!scores || !out) return TL_ENULL;
-    const int st = store_kv(qkv, k_cache, v_cache, max_len, pos, cos, sin, n_heads, n_kv, hd);
-    if (st != TL_OK) return st;
-    attn_job job = {qkv, cos, sin, k_cache, v_cache, scores, out, max_len, pos + 1, n_heads, n_kv, hd, scale};
-    return tl_parallel_for(n_kv, 1, 1, attend_kv_heads, &job);
+    return attention_decode(1, qkv, &k_cache, &v_cache, &max_len, &pos, cos, sin, 0, n_heads, n_kv, hd, scale,
+                            &scores, out);
 }
 
 int tl_attention_decode_batch(int64_t b, const float *qkv, float *const *k_caches, float *const *v_caches,
                               const int64_t *max_lens, const int64_t *pos, const float *cos, const float *sin,
                               int n_heads, int n_kv, int hd, float scale, float *const *scores, float *out) {
-    if (!qkv || !k_caches || !v_caches || !max_lens || !pos || !cos || !sin || !scores || !out) return TL_ENULL;
-    if (b <= 0 || n_heads <= 0 || n_kv <= 0 || hd <= 0) return TL_ESIZE;
-    if (b > ((int64_t)1 << 40) / (n_kv > n_heads ? n_kv : n_heads)) return TL_ERANGE;
-    attn_job *jobs = malloc((size_t)b * sizeof *jobs);
-    if (!jobs) return TL_ERANGE;
-    const int64_t row = (int64_t)(n_heads + 2 * n_kv) * hd, half = hd / 2;
-    int st = TL_OK;
-    for (int64_t i = 0; i < b && st == TL_OK; i++) {
-        if (!scores[i]) st = TL_ENULL;
-        else if (pos[i] < 0 || pos[i] >= max_lens[i]) st = TL_ERANGE;
-        if (st != TL_OK) break;
-        const float *q = qkv + i * row, *c = cos + pos[i] * half, *s = sin + pos[i] * half;
-        st = store_kv(q, k_caches[i], v_caches[i], max_lens[i], pos[i], c, s, n_heads, n_kv, hd);
-        jobs[i] = (attn_job){q,           c,          s,       k_caches[i], v_caches[i], scores[i],
-                             out + i * n_heads * hd, max_lens[i], pos[i] + 1, n_heads, n_kv, hd, scale};
-    }
-    if (st == TL_OK) {
-        attn_batch bt = {jobs, n_kv};
-        st = tl_parallel_for(b * n_kv, 1, 1, attend_batch_items, &bt);
-    }
-    free(jobs);
-    return st;
+    return attention_decode(b, qkv, k_caches, v_caches, max_lens, pos, cos, sin, hd / 2, n_heads, n_kv, hd, scale,
+                            scores, out);
 }

@@ -33,6 +33,7 @@
 #ifndef TERNLM_TERNARY_H
 #define TERNLM_TERNARY_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 #define TL_BLOCK 256
@@ -246,5 +247,9 @@ int tl_parallel_for(int64_t n_items, int64_t grain, int balanced, tl_range_fn fn
  * caller keeps next alive until tl_reads_ahead(next) is false; a NULL next cancels the hint. */
 void tl_set_read_ahead(const void *cur, const void *next, int64_t next_bytes);
 int tl_reads_ahead(const void *next);
+/* A buffer of at least size bytes (64-byte aligned) owned by the calling thread, one per kind, reused by
+ * its next call of the same kind and freed when the thread exits; NULL when out of memory. */
+enum { TL_SCRATCH_AMX, TL_SCRATCH_ATTENTION, TL_SCRATCH_KINDS };
+void *tl_scratch(int kind, size_t size);
 
 #endif /* TERNLM_TERNARY_H */

@@ -17,6 +17,7 @@
 #define _GNU_SOURCE
 #include <pthread.h>
 #include <sched.h>
+#include <stdlib.h>
 #include <stdatomic.h>
 #include <time.h>
 
@@ -304,4 +305,40 @@ int tl_parallel_for(int64_t n_items, int64_t grain, int balanced, tl_range_fn fn
         set_read_target(hint.next, hint.next_bytes);
     pthread_mutex_unlock(&pool.call_lock);
     return TL_OK;
+}
+
+/* ---- per-thread scratch buffers, grown as needed and freed when the thread exits ---- */
+
+static pthread_key_t scratch_key;
+static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
+typedef struct {
+    size_t size[TL_SCRATCH_KINDS];
+    void *p[TL_SCRATCH_KINDS];
+} scratch;
+
+static void scratch_free(void *arg) {
+    scratch *s = arg;
+    for (int i = 0; i < TL_SCRATCH_KINDS; i++) free(s->p[i]);
+    free(s);
+}
+static void scratch_init(void) { pthread_key_create(&scratch_key, scratch_free); }
+
+void *tl_scratch(int kind, size_t size) {
+    pthread_once(&scratch_once, scratch_init);
+    scratch *s = pthread_getspecific(scratch_key);
+    if (!s) {
+        s = calloc(1, sizeof *s);
+        if (!s || pthread_setspecific(scratch_key, s) != 0) {
+            free(s);
+            return NULL;
+        }
+    }
+    if (s->size[kind] < size) {
+        free(s->p[kind]);
+        s->size[kind] = 0;
+        s->p[kind] = aligned_alloc(64, (size + 63) / 64 * 64);
+        if (!s->p[kind]) return NULL;
+        s->size[kind] = size;
+    }
+    return s->p[kind];
 }

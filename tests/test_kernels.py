@@ -91,6 +91,19 @@ def test_quantize_zero_rows_and_out(isa):
         np.testing.assert_array_equal(g, e)
 
 
+@pytest.mark.parametrize("m,k,k_pad", [(1, 2560, 2560), (3, 6912, 6912), (2, 100, 320), (4, 64, 64)])
+def test_norm_quantize_is_rmsnorm_then_quantize(isa, m, k, k_pad):
+    """RMSNorm fused into the quantization: the bits of the two steps (each tested against numpy alone)."""
+    rng = np.random.default_rng(m * k)
+    x = (rng.standard_normal((m, k)) * 4).astype(np.float32)
+    w = rng.standard_normal(k).astype(np.float32)
+    fused = K.quantize_activations(x, k_pad=k_pad, norm=w, eps=1e-5)
+    for got, two_steps in zip(fused, K.quantize_activations(K.rmsnorm(x, w, 1e-5), k_pad=k_pad), strict=True):
+        np.testing.assert_array_equal(got, two_steps)
+    with pytest.raises(ShapeError, match="norm"):
+        K.quantize_activations(x, k_pad=k_pad, norm=w[:-1], eps=1e-5)
+
+
 # ---- ternary matmul ------------------------------------------------------------------------------
 
 

@@ -26,7 +26,7 @@ from threadpoolctl import ThreadpoolController
 from ternlm import kernels, ternary
 from ternlm.config import ModelConfig
 from ternlm.errors import ParamError
-from ternlm.layers import FloatMatrix, Q4Matrix, Q8Matrix, TernaryLinear
+from ternlm.layers import FloatMatrix, Q4Matrix, Q8Matrix, TernaryLinear, rms_norm
 from ternlm.model import LayerWeights, ModelWeights, Transformer
 
 PRECISIONS = ("f16", "bf16", "f32")
@@ -64,7 +64,9 @@ class BlasLinear:
     def rows(self, ids: np.ndarray) -> np.ndarray:
         return self.weight[ids]
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
+    def __call__(self, x: np.ndarray, norm: np.ndarray | None = None, eps: float = 0.0) -> np.ndarray:
+        if norm is not None:
+            x = rms_norm(x, norm, eps)
         with _blas.limit(limits=kernels.get_threads(), user_api="blas"):
             return x @ self.weight.T
 

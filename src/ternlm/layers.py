@@ -76,9 +76,10 @@ class TernaryLinear:
                                  for r in range(0, self.out_features, 2048)])
         return TernaryLinear(packed, self.in_features, self.scale, layout)
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        # x (m, in_features) float32 -> (m, out_features) float32
-        xq, a_scale, sums = kernels.quantize_activations(x, k_pad=self.k_pad)
+    def __call__(self, x: np.ndarray, norm: np.ndarray | None = None, eps: float = 0.0) -> np.ndarray:
+        """x (m, in_features) float32 -> (m, out_features) float32; with norm, of rms_norm(x, norm, eps)
+        (normalized while quantized: one call)."""
+        xq, a_scale, sums = kernels.quantize_activations(x, k_pad=self.k_pad, norm=norm, eps=eps)
         matmul = kernels.ternary_matmul_tq1 if self.layout == "tq1" else kernels.ternary_matmul
         return matmul(self.packed, xq, a_scale, sums, self.scale, next=self.read_next)
 
@@ -114,8 +115,10 @@ class FloatMatrix:
             return ternary.bf16_to_f32(picked)
         return picked.astype(np.float32)
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        # x (m, cols) float32 -> (m, rows) float32
+    def __call__(self, x: np.ndarray, norm: np.ndarray | None = None, eps: float = 0.0) -> np.ndarray:
+        """x (m, cols) float32 -> (m, rows) float32; with norm, of rms_norm(x, norm, eps)."""
+        if norm is not None:
+            x = rms_norm(x, norm, eps)
         return kernels.float_matmul(self.weight, x, next=self.read_next)
 
     @property

@@ -113,14 +113,13 @@ class Transformer:
 
     def block(self, x: np.ndarray, w: LayerWeights, i: int, caches: list[KVCache], starts: list[int],
               lengths: list[int]) -> np.ndarray:
-        eps = self.config.norm_eps
-        h = x + self.attention(rms_norm(x, w.attn_norm, eps), w, i, caches, starts, lengths)
-        return h + self.mlp(rms_norm(h, w.ffn_norm, eps), w)
+        h = x + self.attention(x, w, i, caches, starts, lengths)
+        return h + self.mlp(h, w)
 
     def attention(self, x: np.ndarray, w: LayerWeights, i: int, caches: list[KVCache], starts: list[int],
                   lengths: list[int]) -> np.ndarray:
         c = self.config
-        qkv = w.qkv(x)  # (t, q_dim + 2 kv_dim)
+        qkv = w.qkv(x, w.attn_norm, c.norm_eps)  # RMSNorm, then the projection: (t, q_dim + 2 kv_dim)
         # Sequences with one new token: RoPE, cache write and attention in one C call for all of them.
         single = [j for j, n in enumerate(lengths) if n == 1]
         if len(single) == len(lengths):
@@ -134,9 +133,7 @@ class Transformer:
             for j, (row, n) in enumerate(zip(first, lengths, strict=True)):
                 if n > 1:
                     out[row:row + n] = self.attention_prefill(qkv[row:row + n], i, caches[j], starts[j])
-        if w.attn_sub_norm is not None:
-            out = rms_norm(out, w.attn_sub_norm, c.norm_eps)
-        return w.o(out)
+        return w.o(out, w.attn_sub_norm, c.norm_eps)
 
     def attention_decode(self, qkv: np.ndarray, i: int, caches: list[KVCache], starts: list[int]) -> np.ndarray:
         return kernels.attention_decode_batch(qkv, [cache.k[i] for cache in caches], [cache.v[i] for cache in caches],
@@ -174,7 +171,6 @@ class Transformer:
         return out.reshape(c.n_heads, t, c.head_dim).transpose(1, 0, 2).reshape(t, c.q_dim)
 
     def mlp(self, x: np.ndarray, w: LayerWeights) -> np.ndarray:
-        z = kernels.glu(w.gate_up(x), self.config.hidden_act)  # (t, ffn_dim)
-        if w.ffn_sub_norm is not None:
-            z = rms_norm(z, w.ffn_sub_norm, self.config.norm_eps)
-        return w.down(z)
+        eps = self.config.norm_eps
+        z = kernels.glu(w.gate_up(x, w.ffn_norm, eps), self.config.hidden_act)  # (t, ffn_dim)
+        return w.down(z, w.ffn_sub_norm, eps)

@@ -576,9 +576,9 @@ class BlockScaledLinear(TernaryLinear):
         r0, r1 = j * self.out_features, (j + 1) * self.out_features
         return TernaryLinear(self.packed[r0:r1], self.in_features, self.scale[r0:r1], self.layout)
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
+    def __call__(self, x: np.ndarray, norm: np.ndarray | None = None, eps: float = 0.0) -> np.ndarray:
         # x (m, in_features) -> (m, n_parts * out) from one kernel call -> (m, out)
-        y = super().__call__(x)
+        y = super().__call__(x, norm, eps)
         return y.reshape(len(x), self.n_parts, self.out_features).sum(axis=1)
 
     def codes(self, r0: int = 0, r1: int | None = None) -> np.ndarray:

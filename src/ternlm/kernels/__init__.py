@@ -82,9 +82,11 @@ def _check_out(out: np.ndarray, shape: tuple[int, int], dtype: np.dtype) -> None
 
 
 def quantize_activations(
-    x: np.ndarray, out: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None, k_pad: int | None = None
+    x: np.ndarray, out: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None, k_pad: int | None = None,
+    norm: np.ndarray | None = None, eps: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-token int8 quantization of x float32 (m, k).
+    """Per-token int8 quantization of x float32 (m, k), or with ``norm`` (k,) float32 of ``rmsnorm(x, norm, eps)``
+    (the same bits as the two calls, without the normalized copy).
 
     Returns (xq int8 (m, k_pad), a_scale float32 (m,), sums int32 (m,)), written into ``out`` if given.
     k_pad: the zero-padded width, ``padded_k(k)`` (2-bit layout) by default; ``padded_k_tq1(k)`` for TQ1
@@ -96,14 +98,17 @@ def quantize_activations(
     elif k_pad < k or k_pad % 64 != 0:
         raise ShapeError(f"k_pad = {k_pad} must be a multiple of 64 and at least k = {k}")
     if _ext is None:
-        xq, a_scale, sums = _ref.quantize_activations(x, k_pad)
+        xq, a_scale, sums = _ref.quantize_activations(x if norm is None else _ref.rmsnorm(x, norm, eps), k_pad)
         if out is None:
             return xq, a_scale, sums
         out[0][...], out[1][...], out[2][...] = xq, a_scale, sums
         return out
     if out is None:
         out = (np.empty((m, k_pad), np.int8), np.empty(m, _F32), np.empty(m, _I32))
-    _ext.quantize(x, out[0], out[1], out[2], m, k, k_pad)
+    if norm is None:
+        _ext.quantize(x, out[0], out[1], out[2], m, k, k_pad)
+    else:
+        _ext.quantize(x, out[0], out[1], out[2], m, k, k_pad, norm, eps)
     return out
 
 

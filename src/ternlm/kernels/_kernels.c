@@ -148,6 +148,19 @@ int tl_quantize_rows(const float *x, int64_t m, int64_t k, int64_t k_pad, int8_t
     return TL_OK;
 }
 
+int tl_norm_quantize_rows(const float *x, const float *w, float eps, int64_t m, int64_t k, int64_t k_pad, int8_t *xq,
+                          float *a_scale, int32_t *sums) {
+    int st = tl_quantize_rows(x, m, k, k_pad, xq, a_scale, sums); /* the checks; its result is overwritten */
+    if (st != TL_OK) return st;
+    float *y = tl_scratch(TL_SCRATCH_NORM, (size_t)k * sizeof(float));
+    if (!y) return TL_ERANGE;
+    for (int64_t i = 0; i < m && st == TL_OK; i++) {
+        st = tl_rmsnorm(x + i * k, w, eps, 1, k, y);
+        if (st == TL_OK) isa()->quantize(y, 1, k, k_pad, xq + i * k_pad, a_scale + i, sums + i);
+    }
+    return st;
+}
+
 typedef struct {
     tl_ternary_fn fn;
     const uint8_t *w;
@@ -401,6 +414,17 @@ static int get_i64(PyObject *o, const char *name, int64_t *out) {
     return 0;
 }
 
+static int get_f32(PyObject *o, const char *name, float *out) {
+    double v = PyFloat_AsDouble(o);
+    if (v == -1.0 && PyErr_Occurred()) {
+        PyErr_Clear();
+        PyErr_Format(shape_error, "%s: expected a float", name);
+        return -1;
+    }
+    *out = (float)v;
+    return 0;
+}
+
 /* Sizes must be positive and their products small enough to compare buffer lengths safely. */
 static int check_sizes(int n_sizes, const int64_t *sizes, const char *what) {
     for (int i = 0; i < n_sizes; i++)
@@ -458,23 +482,31 @@ static void hint_end(Py_buffer *next) {
     have_read_ahead_view = 1;
 }
 
-/* quantize(x, xq, a_scale, sums, m, k, k_pad) */
+/* quantize(x, xq, a_scale, sums, m, k, k_pad[, norm, eps]): with norm (k,), of RMSNorm(x) * norm */
 static PyObject *py_quantize(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
     int64_t s[3];
-    if (check_nargs(nargs, 7, "quantize") || get_i64(args[4], "m", &s[0]) || get_i64(args[5], "k", &s[1]) ||
-        get_i64(args[6], "k_pad", &s[2]) || check_sizes(3, s, "quantize"))
+    float eps = 0.0f;
+    if (nargs != 7 && nargs != 9) {
+        PyErr_Format(PyExc_TypeError, "quantize() takes 7 or 9 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    if (get_i64(args[4], "m", &s[0]) || get_i64(args[5], "k", &s[1]) || get_i64(args[6], "k_pad", &s[2]) ||
+        check_sizes(3, s, "quantize") || (nargs == 9 && get_f32(args[8], "eps", &eps)))
         return NULL;
     const int64_t m = s[0], k = s[1], k_pad = s[2];
-    Py_buffer x, xq, as, sums;
-    if (get_buf(args[0], "x", 'f', 4, cnt(m, k), 0, &x)) return NULL;
+    Py_buffer x, xq, as, sums, w = {0};
+    if (nargs == 9 && get_buf(args[7], "norm", 'f', 4, k, 0, &w)) return NULL;
+    if (get_buf(args[0], "x", 'f', 4, cnt(m, k), 0, &x)) goto fail_w;
     if (get_buf(args[1], "xq", 'b', 1, cnt(m, k_pad), 1, &xq)) goto fail_x;
     if (get_buf(args[2], "a_scale", 'f', 4, m, 1, &as)) goto fail_xq;
     if (get_buf(args[3], "sums", 'i', 4, m, 1, &sums)) goto fail_as;
     int st;
     Py_BEGIN_ALLOW_THREADS
-    st = tl_quantize_rows(x.buf, m, k, k_pad, xq.buf, as.buf, sums.buf);
+    st = w.obj ? tl_norm_quantize_rows(x.buf, w.buf, eps, m, k, k_pad, xq.buf, as.buf, sums.buf)
+               : tl_quantize_rows(x.buf, m, k, k_pad, xq.buf, as.buf, sums.buf);
     Py_END_ALLOW_THREADS
+    if (w.obj) PyBuffer_Release(&w);
     PyBuffer_Release(&sums);
     PyBuffer_Release(&as);
     PyBuffer_Release(&xq);
@@ -487,6 +519,8 @@ fail_xq:
     PyBuffer_Release(&xq);
 fail_x:
     PyBuffer_Release(&x);
+fail_w:
+    if (w.obj) PyBuffer_Release(&w);
     return NULL;
 }
 
@@ -749,16 +783,6 @@ static PyObject *py_set_exceptions(PyObject *self, PyObject *args) {
 
 /* ---- fused float ops ----------------------------------------------------------------------------- */
 
-static int get_f32(PyObject *o, const char *name, float *out) {
-    double v = PyFloat_AsDouble(o);
-    if (v == -1.0 && PyErr_Occurred()) {
-        PyErr_Clear();
-        PyErr_Format(shape_error, "%s: expected a float", name);
-        return -1;
-    }
-    *out = (float)v;
-    return 0;
-}
 
 /* rmsnorm(x, w, eps, m, k, out) */
 static PyObject *py_rmsnorm(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
@@ -980,7 +1004,7 @@ done:
 
 static PyMethodDef methods[] = {
     {"quantize", (PyCFunction)(void (*)(void))py_quantize, METH_FASTCALL,
-     "quantize(x, xq, a_scale, sums, m, k, k_pad): per-row int8 quantization into the given buffers"},
+     "quantize(x, xq, a_scale, sums, m, k, k_pad[, norm, eps]): per-row int8 quantization (of RMSNorm(x) * norm) into the given buffers"},
     {"ternary_matmul", (PyCFunction)(void (*)(void))py_ternary_matmul, METH_FASTCALL,
      "ternary_matmul(packed, n, k_pad, xq, sums, a_scale, w_scale, m, y, acc): y or acc (m, n); "
      "w_scale a float or float32 (n,)"},

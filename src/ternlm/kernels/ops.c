@@ -232,8 +232,9 @@ INLINE void rope(const float *x, const float *cos, const float *sin, int hd, flo
  * threads share it evenly however few KV heads there are and however long the context. An item reads each
  * cached key and value row once for all query heads of its KV head, and leaves per query head the max
  * score, the sum of exp(score - max) and the values weighted by the chunk's own softmax; a second pass
- * merges a head's chunks in order (a context of one chunk keeps its bits). The chunks are fixed, so the
+ * merges a head's chunks in order (a context of one chunk needs no merge). The chunks are fixed, so the
  * result does not depend on the number of threads. */
+#define MERGE_INLINE (1 << 16) /* merges of fewer weighted values run on the caller: a pool job costs ~2 us */
 #define ATTN_CHUNK 64
 
 typedef struct {
@@ -271,7 +272,8 @@ INLINE void attend_chunk(const attn_job *j, const attn_seq *sq, int64_t g, int64
     const float *keys = sq->k_cache + (g * sq->max_len + s0) * hd, *values = sq->v_cache + (g * sq->max_len + s0) * hd;
     const float *q = sq->q + g * group * hd;
     float *scores = sq->scores + g * group * sq->max_len + s0; /* row h at h * max_len */
-    float *part = sq->part + (g * sq->chunks + c) * part_floats(j), *sums = part + group, *acc = part + 2 * group;
+    float *part = sq->part + (g * sq->chunks + c) * part_floats(j), *sums = part + group;
+    float *acc = sq->chunks == 1 ? sq->out + g * group * hd : part + 2 * group; /* one chunk: the result */
     for (int h = 0; h < group; h += 4) {
         if (group - h >= 4) /* constant head count: the heads' loops unroll */
             score_all(q + h * hd, 4, keys, n, hd, j->scale, scores + h * sq->max_len, sq->max_len);
@@ -306,6 +308,7 @@ CLONES static void merge_heads(void *arg, int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; i++) {
         const attn_seq *sq = &j->seqs[i / j->n_kv];
         const int64_t g = i % j->n_kv;
+        if (sq->chunks == 1) continue; /* attend_chunk wrote the result */
         const float *parts = sq->part + g * sq->chunks * part_floats(j);
         for (int h = 0; h < group; h++) {
             const int64_t pf = part_floats(j);
@@ -332,16 +335,17 @@ static int attention_decode(int64_t b, const float *qkv, float *const *k_caches,
     if (b <= 0 || n_heads <= 0 || n_kv <= 0 || hd <= 0) return TL_ESIZE;
     if (n_heads % n_kv || n_heads / n_kv > TL_MAX_GROUP || hd % 2 || hd > TL_MAX_HEAD_DIM) return TL_ERANGE;
     if (b > ((int64_t)1 << 30) / n_heads) return TL_ERANGE;
-    int64_t parts = 0, items = 0;
+    int64_t parts = 0, items = 0, merged = 0;
     for (int64_t i = 0; i < b; i++) {
         if (!scores[i]) return TL_ENULL;
         if (pos[i] < 0 || pos[i] >= max_lens[i] || max_lens[i] > ((int64_t)1 << 40) / hd) return TL_ERANGE;
         const int64_t chunks = (pos[i] + 1 + ATTN_CHUNK - 1) / ATTN_CHUNK;
         parts += n_kv * chunks;
         items += n_kv * chunks;
+        merged += chunks > 1 ? chunks * n_heads * hd : 0;
     }
     const int group = n_heads / n_kv;
-    const int64_t row = (int64_t)(n_heads + 2 * n_kv) * hd, half = hd / 2, pf = (int64_t)group * (hd + 2);
+    const int64_t row = (int64_t)(n_heads + 2 * n_kv) * hd, pf = (int64_t)group * (hd + 2);
     /* scratch: the per-sequence records, the item offsets, the roped queries, the chunk partials */
     const size_t bytes = (size_t)b * sizeof(attn_seq) + (size_t)(b + 1) * sizeof(int64_t) +
                          (size_t)(b * n_heads * hd + parts * pf) * sizeof(float);
@@ -366,10 +370,10 @@ static int attention_decode(int64_t b, const float *qkv, float *const *k_caches,
         part += n_kv * chunks * pf;
         first[i + 1] = first[i] + n_kv * chunks;
     }
-    (void)half;
     attn_job job = {seqs, first, b, n_heads, n_kv, hd, scale};
     int st = tl_parallel_for(items, 1, 1, attend_items, &job);
-    if (st == TL_OK) st = tl_parallel_for(b * n_kv, 1, 1, merge_heads, &job);
+    if (st == TL_OK && merged >= MERGE_INLINE) st = tl_parallel_for(b * n_kv, 1, 1, merge_heads, &job);
+    else if (st == TL_OK && merged > 0) merge_heads(&job, 0, b * n_kv);
     return st;
 }
 

@@ -64,6 +64,9 @@ const char *tl_strerror(int status);
  * 320 for TQ1). */
 int tl_quantize_rows(const float *x, int64_t m, int64_t k, int64_t k_pad, int8_t *xq, float *a_scale,
                      int32_t *sums);
+/* The same of tl_rmsnorm(x, w, eps) without writing it out: the bits of the two calls, in one. */
+int tl_norm_quantize_rows(const float *x, const float *w, float eps, int64_t m, int64_t k, int64_t k_pad, int8_t *xq,
+                          float *a_scale, int32_t *sums);
 
 /* w (n, k_pad/4) packed, xq (m, k_pad), sums (m), a_scale (m), w_scale (n) read with stride
  * ws_stride (1: one scale per output row; 0: one per tensor, w_scale pointing at a single float).
@@ -249,7 +252,7 @@ void tl_set_read_ahead(const void *cur, const void *next, int64_t next_bytes);
 int tl_reads_ahead(const void *next);
 /* A buffer of at least size bytes (64-byte aligned) owned by the calling thread, one per kind, reused by
  * its next call of the same kind and freed when the thread exits; NULL when out of memory. */
-enum { TL_SCRATCH_AMX, TL_SCRATCH_ATTENTION, TL_SCRATCH_KINDS };
+enum { TL_SCRATCH_AMX, TL_SCRATCH_ATTENTION, TL_SCRATCH_NORM, TL_SCRATCH_KINDS };
 void *tl_scratch(int kind, size_t size);
 
 #endif /* TERNLM_TERNARY_H */

@@ -47,12 +47,6 @@ def resident_bytes() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
-def weight_modules(model: ternlm.Model) -> list:
-    """The layers whose kernels stream weights, each naming the next one's weights to read ahead."""
-    w = model.transformer.w
-    return [m for lw in w.layers for m in lw.linears()] + [w.head]
-
-
 def huge_page_bytes() -> int:
     """Bytes of this process mapped with 2 MiB pages: weights on 4 KiB pages decode 10-15 % slower."""
     fields = dict(line.split(":", 1) for line in Path("/proc/self/smaps_rollup").read_text().splitlines()[1:])
@@ -173,12 +167,12 @@ def main() -> None:
     print(f"memory: resident after load {rss_after / 1e9:.3f} GB = {rss_after / weights:.2f} x weights; "
           f"peak during load {peak / 1e9:.3f} GB = {peak / (weights + kv):.2f} x (weights + "
           f"{kv / 1e9:.3f} GB KV cache allocated)")
-    linked = {id(m): m.read_next for m in weight_modules(model)}
+    linked = {id(m): m.read_next for m in model.transformer.w.streamed()}
     for isa in args.isa:
         kernels.set_isa(isa)
         for threads in args.threads:
             for read_ahead in args.read_ahead:
-                for m in weight_modules(model):
+                for m in model.transformer.w.streamed():
                     m.read_next = linked[id(m)] if read_ahead == "on" else None
                 measure(model, args, f"{isa}{'' if read_ahead == 'on' else ' no-read-ahead'}", threads, gb)
     kernels.set_isa(kernels.available_isas()[-1])

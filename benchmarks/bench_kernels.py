@@ -1,11 +1,13 @@
 """Kernel throughput on BitNet b1.58 2B4T shapes, in hardware terms, at 1 and 2 threads.
 
-    python benchmarks/bench_kernels.py [--layers 30] [--reps 5] [--gemm 128,512] [--no-f16]
+    python benchmarks/bench_kernels.py [--layers 30] [--reps 5] [--gemm 128,512] [--no-f16] [--attention 80,160,512]
 
 Decode: one token = per layer the four fused ternary GEMVs qkv 3840x2560, o 2560x2560, gate|up 13824x2560,
 down 2560x6912 (one call each, per-row scales), then the 128256x2560 LM head in Q8_0 (and in Q4_0 and F16
 for comparison). Printed as GB/s of weights read and as % of the DRAM bandwidth measured in the same run by
 a one-pass read of a 1 GiB buffer on the same threads. Prefill: int8 GOPS of the fused GEMMs at m tokens.
+Attention: one token's decode attention (20 query heads, 5 KV heads of 128) per layer at each position, over
+--layers KV caches as ternlm.kvcache allocates them, as GB/s of keys and values read.
 Every figure is the median of --reps runs.
 """
 
@@ -20,6 +22,9 @@ import numpy as np
 
 from ternlm import kernels as K
 from ternlm import ternary as T
+from ternlm.config import ModelConfig
+from ternlm.kvcache import KVCache
+from ternlm.layers import Rope
 
 # (n, k) of the four fused ternary matmuls of one 2B4T layer
 LAYER = {"qkv": (3840, 2560), "o": (2560, 2560), "gate_up": (13824, 2560), "down": (2560, 6912)}
@@ -44,6 +49,7 @@ def main() -> None:
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--head-tokens", default="", help="Q8_0 head with this many tokens, e.g. 4,6,8,16 (batched "
                     "decode), under each ISA in --isa")
+    ap.add_argument("--attention", default="", help="decode attention at these positions, e.g. 80,160,512")
     ap.add_argument("--isa", default=K.active_isa(), help="comma-separated ISAs for --head-tokens "
                     "(default: %(default)s)")
     args = ap.parse_args()
@@ -99,6 +105,14 @@ def main() -> None:
         for m in gemm_ms
     }
 
+    config = ModelConfig(arch="bitnet", dim=2560, n_layers=args.layers, n_heads=20, n_kv_heads=5, ffn_dim=6912,
+                         vocab_size=HEAD[0], max_seq_len=4096)
+    kv = KVCache(config, 4096)
+    kv.k[...] = 0.01  # written once, as a filled context would be
+    kv.v[...] = 0.01
+    rope = Rope(128, 500000.0, 4096)
+    attn_qkv = rng.standard_normal((1, 30 * 128)).astype(np.float32)
+
     for threads in [int(t) for t in args.threads.split(",")]:
         K.set_threads(threads)
         K._ext.read_probe(probe)
@@ -141,6 +155,17 @@ def main() -> None:
                 times.append(f"{isa} {median_time(head_m, args.reps) * 1e3:6.2f} ms")
             K.set_isa(best)
             print(f"  {threads}T head Q8_0 m={m:<3} " + ", ".join(times))
+        for pos in [int(v) for v in args.attention.split(",") if v]:
+            def attention(pos: int = pos) -> None:
+                for i in range(args.layers):
+                    K.attention_decode_batch(attn_qkv, [kv.k[i]], [kv.v[i]], [pos], rope.cos, rope.sin, 20,
+                                             128 ** -0.5, [kv.scores])
+
+            attention()
+            t = median_time(attention, args.reps) / args.layers
+            kv_bytes = 2 * 5 * (pos + 1) * 128 * 4
+            print(f"  {threads}T attention at position {pos:<5} {t * 1e6:7.1f} us per layer  "
+                  f"{kv_bytes / t / 1e9:5.1f} GB/s of keys and values")
     K.set_threads(K.default_threads())
 
 

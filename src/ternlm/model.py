@@ -52,6 +52,10 @@ class ModelWeights:
         if tied:
             self.embed = self.head
 
+    def streamed(self) -> list:
+        """The layers whose kernels stream weights, in the order a forward pass runs them (head last)."""
+        return [m for lw in self.layers for m in lw.linears()] + [self.head]
+
     def convert_ternary(self, layout: str) -> None:
         """Repack every ternary layer into layout "i2" (2 bits/weight) or "tq1" (1.6 bits/weight)."""
         if layout not in LAYOUTS:
@@ -71,7 +75,7 @@ class Transformer:
         # Each weight kernel names the weights of the one after it (the last layer's: the head's; the head's:
         # the first layer's, for the next token): a worker thread reads them ahead while the small ops between
         # two matmuls run, when memory would otherwise sit idle.
-        order = [m for lw in weights.layers for m in lw.linears()] + [weights.head]
+        order = weights.streamed()
         for m, after in zip(order, order[1:] + order[:1], strict=True):
             m.read_next = after.streamed
 

@@ -234,8 +234,10 @@ INLINE void rope(const float *x, const float *cos, const float *sin, int hd, flo
  * score, the sum of exp(score - max) and the values weighted by the chunk's own softmax; a second pass
  * merges a head's chunks in order (a context of one chunk needs no merge). The chunks are fixed, so the
  * result does not depend on the number of threads. */
-#define MERGE_INLINE (1 << 16) /* merges of fewer weighted values run on the caller: a pool job costs ~2 us */
 #define ATTN_CHUNK 64
+#define MERGE_INLINE (1 << 16) /* merges of fewer weighted values run on the caller: a pool job costs ~2 us */
+
+INLINE int64_t chunks_of(int64_t len) { return (len + ATTN_CHUNK - 1) / ATTN_CHUNK; }
 
 typedef struct {
     const float *k_cache, *v_cache;
@@ -269,7 +271,8 @@ INLINE int64_t seq_of(const attn_job *j, int64_t item) {
 INLINE void attend_chunk(const attn_job *j, const attn_seq *sq, int64_t g, int64_t c) {
     const int group = j->n_heads / j->n_kv, hd = j->hd;
     const int64_t s0 = c * ATTN_CHUNK, n = sq->len - s0 < ATTN_CHUNK ? sq->len - s0 : ATTN_CHUNK;
-    const float *keys = sq->k_cache + (g * sq->max_len + s0) * hd, *values = sq->v_cache + (g * sq->max_len + s0) * hd;
+    const float *keys = sq->k_cache + (g * sq->max_len + s0) * hd;
+    const float *values = sq->v_cache + (g * sq->max_len + s0) * hd;
     const float *q = sq->q + g * group * hd;
     float *scores = sq->scores + g * group * sq->max_len + s0; /* row h at h * max_len */
     float *part = sq->part + (g * sq->chunks + c) * part_floats(j), *sums = part + group;
@@ -301,7 +304,8 @@ CLONES static void attend_items(void *arg, int64_t i0, int64_t i1) {
     }
 }
 
-/* out[h] = sum_c (w_c sum_c[h] / total) acc_c[h], w_c = exp(max_c[h] - the max over c), total = sum_c w_c sum_c[h]. */
+/* out[h] = sum_c (w_c sum_c[h] / total) acc_c[h], with w_c = exp(max_c[h] - the max over c) and
+ * total = sum_c w_c sum_c[h]. */
 CLONES static void merge_heads(void *arg, int64_t i0, int64_t i1) {
     const attn_job *j = arg;
     const int group = j->n_heads / j->n_kv, hd = j->hd;
@@ -309,12 +313,13 @@ CLONES static void merge_heads(void *arg, int64_t i0, int64_t i1) {
         const attn_seq *sq = &j->seqs[i / j->n_kv];
         const int64_t g = i % j->n_kv;
         if (sq->chunks == 1) continue; /* attend_chunk wrote the result */
-        const float *parts = sq->part + g * sq->chunks * part_floats(j);
+        const int64_t pf = part_floats(j);
+        const float *parts = sq->part + g * sq->chunks * pf;
         for (int h = 0; h < group; h++) {
-            const int64_t pf = part_floats(j);
             float top = -INFINITY, total = 0.0f, *o = sq->out + (g * group + h) * hd;
             for (int64_t c = 0; c < sq->chunks; c++) top = parts[c * pf + h] > top ? parts[c * pf + h] : top;
-            for (int64_t c = 0; c < sq->chunks; c++) total += exp_nonpositive(parts[c * pf + h] - top) * parts[c * pf + group + h];
+            for (int64_t c = 0; c < sq->chunks; c++)
+                total += exp_nonpositive(parts[c * pf + h] - top) * parts[c * pf + group + h];
             memset(o, 0, (size_t)hd * sizeof *o);
             for (int64_t c = 0; c < sq->chunks; c++) {
                 const float *p = parts + c * pf, *acc = p + 2 * group + h * hd;
@@ -335,12 +340,11 @@ static int attention_decode(int64_t b, const float *qkv, float *const *k_caches,
     if (b <= 0 || n_heads <= 0 || n_kv <= 0 || hd <= 0) return TL_ESIZE;
     if (n_heads % n_kv || n_heads / n_kv > TL_MAX_GROUP || hd % 2 || hd > TL_MAX_HEAD_DIM) return TL_ERANGE;
     if (b > ((int64_t)1 << 30) / n_heads) return TL_ERANGE;
-    int64_t parts = 0, items = 0, merged = 0;
+    int64_t items = 0, merged = 0; /* items: one per (sequence, KV head, chunk), each with its partials */
     for (int64_t i = 0; i < b; i++) {
         if (!scores[i]) return TL_ENULL;
         if (pos[i] < 0 || pos[i] >= max_lens[i] || max_lens[i] > ((int64_t)1 << 40) / hd) return TL_ERANGE;
-        const int64_t chunks = (pos[i] + 1 + ATTN_CHUNK - 1) / ATTN_CHUNK;
-        parts += n_kv * chunks;
+        const int64_t chunks = chunks_of(pos[i] + 1);
         items += n_kv * chunks;
         merged += chunks > 1 ? chunks * n_heads * hd : 0;
     }
@@ -348,7 +352,7 @@ static int attention_decode(int64_t b, const float *qkv, float *const *k_caches,
     const int64_t row = (int64_t)(n_heads + 2 * n_kv) * hd, pf = (int64_t)group * (hd + 2);
     /* scratch: the per-sequence records, the item offsets, the roped queries, the chunk partials */
     const size_t bytes = (size_t)b * sizeof(attn_seq) + (size_t)(b + 1) * sizeof(int64_t) +
-                         (size_t)(b * n_heads * hd + parts * pf) * sizeof(float);
+                         (size_t)(b * n_heads * hd + items * pf) * sizeof(float);
     uint8_t *mem = tl_scratch(TL_SCRATCH_ATTENTION, bytes);
     if (!mem) return TL_ERANGE;
     attn_seq *seqs = (attn_seq *)mem;
@@ -364,7 +368,7 @@ static int attention_decode(int64_t b, const float *qkv, float *const *k_caches,
                    (size_t)hd * sizeof(float));
         }
         for (int h = 0; h < n_heads; h++) rope(x + (int64_t)h * hd, c, s, hd, q + (i * n_heads + h) * hd);
-        const int64_t chunks = (pos[i] + ATTN_CHUNK) / ATTN_CHUNK;
+        const int64_t chunks = chunks_of(pos[i] + 1);
         seqs[i] = (attn_seq){k_caches[i], v_caches[i], q + i * n_heads * hd, scores[i], part, out + i * n_heads * hd,
                              max_lens[i], pos[i] + 1, chunks};
         part += n_kv * chunks * pf;

@@ -107,11 +107,10 @@ static void run_part(int p) {
  * them from memory (the 2-bit decode kernel: 31 against 15 GB/s on one core of the Xeon). */
 static void plan_parts(int64_t units, int nparts, int64_t ahead) {
     ahead /= 2;
-    int64_t last = nparts > 1 ? units - (units - ahead) / nparts - ahead : 0;
+    int64_t last = units - (units - ahead) / nparts - ahead; /* where the last part starts */
     if (last < 0) last = 0;
-    for (int p = 0; p < nparts; p++) pool.bounds[p] = nparts > 1 ? last * p / (nparts - 1) : 0;
-    if (ahead == 0)
-        for (int p = 0; p < nparts; p++) pool.bounds[p] = units * p / nparts;
+    for (int p = 0; p < nparts; p++)
+        pool.bounds[p] = ahead == 0 || nparts == 1 ? units * p / nparts : last * p / (nparts - 1);
     pool.bounds[nparts] = units;
     for (int p = 0; p < nparts; p++)
         atomic_store_explicit(&pool.left[p], (uint64_t)pool.bounds[p + 1] << 32 | (uint64_t)pool.bounds[p],

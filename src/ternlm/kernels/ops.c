@@ -89,13 +89,17 @@ INLINE v16 hsum16x16(v16 *p) {
 INLINE void score_heads16(const float *q, int nh, const float *keys, int hd, float scale, float *scores,
                           int64_t ld) {
     v16 part[4][16];
-    for (int s = 0; s < 16; s++) {
-        v16 acc[4] = {{0}};
+    for (int s = 0; s < 16; s += 2) { /* two rows at a time: 2 nh independent chains of adds */
+        v16 acc[2][4] = {{{0}}};
         for (int j = 0; j < hd; j += 16) {
-            const v16 k = load16(keys + s * hd + j);
-            for (int h = 0; h < nh; h++) acc[h] += load16(q + h * hd + j) * k;
+            const v16 k0 = load16(keys + s * hd + j), k1 = load16(keys + (s + 1) * hd + j);
+            for (int h = 0; h < nh; h++) {
+                const v16 qh = load16(q + h * hd + j);
+                acc[0][h] += qh * k0;
+                acc[1][h] += qh * k1;
+            }
         }
-        for (int h = 0; h < nh; h++) part[h][BITREV4[s]] = acc[h];
+        for (int h = 0; h < nh; h++) part[h][BITREV4[s]] = acc[0][h], part[h][BITREV4[s + 1]] = acc[1][h];
     }
     for (int h = 0; h < nh; h++) {
         const v16 r = hsum16x16(part[h]) * scale;

@@ -25,7 +25,10 @@
 
 #define SPIN_NS 200000 /* how long an idle worker spins before sleeping */
 #define READ_AHEAD_BYTES (1 << 20) /* of the next weights, read ahead between jobs: half a 2 MB L2 */
-#define READ_STEP 4096
+#define READ_STEP 1024
+#ifndef READ_PREFETCH
+#define READ_PREFETCH 8192
+#endif
 #define OWN_GRAINS 4   /* grains an owner takes at a time in a balanced job: ~256 KB of weights */
 #define STEAL_GRAINS 1 /* and a thief from the end of another part */
 
@@ -78,13 +81,16 @@ static int64_t now_ns(void) {
     return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
 }
 
-/* Takes up to n grains of part p, from its start (the owner) or its end (a thief); 0 when none are left. */
-static int take(int p, int from_end, int64_t n, int64_t *b, int64_t *e) {
+/* Takes up to n grains of part p, from its start (the owner) or its end (a thief); 0 when none are left.
+ * A guided take is a quarter of what is left, at most n: the last takes of a part are single grains, so a
+ * thread that runs out of work waits at most about one grain for the others. */
+static int take(int p, int from_end, int guided, int64_t n, int64_t *b, int64_t *e) {
     uint64_t c = atomic_load_explicit(&pool.left[p], memory_order_relaxed);
     for (;;) {
         const int64_t first = (int64_t)(c & 0xffffffffu), end = (int64_t)(c >> 32);
         if (first >= end) return 0;
-        const int64_t t = end - first < n ? end - first : n, u0 = from_end ? end - t : first;
+        const int64_t want = guided && (end - first + 3) / 4 < n ? (end - first + 3) / 4 : n;
+        const int64_t t = end - first < want ? end - first : want, u0 = from_end ? end - t : first;
         const uint64_t next = from_end ? (uint64_t)u0 << 32 | (uint64_t)first : (uint64_t)end << 32 | (uint64_t)(u0 + t);
         if (atomic_compare_exchange_weak_explicit(&pool.left[p], &c, next, memory_order_relaxed,
                                                   memory_order_relaxed)) {
@@ -97,9 +103,9 @@ static int take(int p, int from_end, int64_t n, int64_t *b, int64_t *e) {
 
 static void run_part(int p) {
     int64_t b, e;
-    while (take(p, 0, pool.balanced ? OWN_GRAINS : INT32_MAX, &b, &e)) pool.fn(pool.ctx, b, e);
+    while (take(p, 0, pool.balanced, pool.balanced ? OWN_GRAINS : INT32_MAX, &b, &e)) pool.fn(pool.ctx, b, e);
     for (int q = 1; pool.balanced && q < pool.nparts; q++)
-        while (take((p + q) % pool.nparts, 1, STEAL_GRAINS, &b, &e)) pool.fn(pool.ctx, b, e);
+        while (take((p + q) % pool.nparts, 1, 0, STEAL_GRAINS, &b, &e)) pool.fn(pool.ctx, b, e);
 }
 
 /* Even parts of the units, except that the last thread, having `ahead` units of them in its cache already,
@@ -128,11 +134,23 @@ static int read_ahead_step(void) {
     if (atomic_load(&pool.ra_gen) == g) { /* still the target: set_read_target waits for this step */
         const int64_t n = len - done < READ_STEP ? len - done : READ_STEP;
         const volatile uint8_t *p = start + done;
+        /* the next steps' lines are requested now, so the loads of a step rarely wait on memory (as the
+         * kernels' prefetch does: one core's loads alone have too few misses in flight for its bandwidth) */
+        for (int64_t i = 0; i < n; i += 64) __builtin_prefetch((const uint8_t *)p + READ_PREFETCH + i, 0, 2);
         for (int64_t i = 0; i < n; i += 64) (void)p[i];
         atomic_store_explicit(&pool.ra_done, done + n, memory_order_relaxed);
     }
     atomic_store_explicit(&pool.ra_busy, 0, memory_order_release);
     return 1;
+}
+
+/* Stops the reader at its next step, without waiting for the step it may be in: the target stays mapped
+ * (its view is held) until the job about to be posted is done, and the reader finishes any step before it
+ * takes its part of that job. call_lock held. */
+static void stop_reading(void) {
+    atomic_store(&pool.ra_start, NULL);
+    pool.ra_base = NULL;
+    atomic_fetch_add(&pool.ra_gen, 1);
 }
 
 /* Changes the read-ahead target; once it returns, no worker reads the old one any more. call_lock held. */
@@ -295,7 +313,7 @@ int tl_parallel_for(int64_t n_items, int64_t grain, int balanced, tl_range_fn fn
     int64_t ahead = 0;
     if (pool.ra_base && (const uint8_t *)hint.cur == pool.ra_base && pool.nparts == pool.nworkers + 1)
         ahead = atomic_load_explicit(&pool.ra_done, memory_order_relaxed) * n_items / pool.ra_total / grain;
-    if (pool.ra_base && (hint.next || (const uint8_t *)hint.cur == pool.ra_base)) set_read_target(NULL, 0);
+    if (pool.ra_base && (hint.next || (const uint8_t *)hint.cur == pool.ra_base)) stop_reading();
     plan_parts(units, pool.nparts, ahead);
     if (pool.nworkers > 0) post();
     run_part(0);

@@ -178,11 +178,15 @@ static void ternary_range(void *p, int64_t r0, int64_t r1) {
     j->fn(j->w, j->k_pad, r0, r1, j->xq, j->sums, j->a_scale, j->w_scale, j->ws_stride, j->m, j->n, j->y, j->acc);
 }
 
-/* Rows per thread part: a multiple of the row tile, and enough work (~64 KB of weights) that the
- * wake-up of a worker does not cost more than it saves. */
+/* Rows per grain of a job: a multiple of the row tile, and enough work that the wake-up of a worker does
+ * not cost more than it saves (~64 KB of weights). A one-token job, which the threads share a grain at a
+ * time (tl_parallel_for's balanced jobs), takes 16 KB grains: the thread that finishes first then waits for
+ * at most a quarter as much (2T, the 120 ternary calls of a 2B4T token back to back: 685 -> 657 us per
+ * layer, benchmarks/bench_kernels.py). */
 static int64_t row_grain(int64_t row_bytes, int64_t m) {
-    const int64_t per_row = row_bytes < 65536 / m ? row_bytes * m : 65536;
-    int64_t rows = (65536 / per_row + TL_ROW_TILE - 1) / TL_ROW_TILE * TL_ROW_TILE;
+    const int64_t grain = m == 1 ? 16384 : 65536;
+    const int64_t per_row = row_bytes < grain / m ? row_bytes * m : grain;
+    int64_t rows = (grain / per_row + TL_ROW_TILE - 1) / TL_ROW_TILE * TL_ROW_TILE;
     return rows < TL_ROW_TILE ? TL_ROW_TILE : rows;
 }
 

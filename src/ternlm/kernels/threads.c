@@ -29,7 +29,7 @@
 #ifndef READ_PREFETCH
 #define READ_PREFETCH 8192
 #endif
-#define OWN_GRAINS 4   /* grains an owner takes at a time in a balanced job: ~256 KB of weights */
+#define OWN_GRAINS 16  /* grains an owner takes at a time in a balanced job: ~256 KB of weights */
 #define STEAL_GRAINS 1 /* and a thief from the end of another part */
 
 #if defined(__x86_64__) || defined(__i386__)

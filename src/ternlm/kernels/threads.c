@@ -25,10 +25,8 @@
 
 #define SPIN_NS 200000 /* how long an idle worker spins before sleeping */
 #define READ_AHEAD_BYTES (1 << 20) /* of the next weights, read ahead between jobs: half a 2 MB L2 */
-#define READ_STEP 1024
-#ifndef READ_PREFETCH
-#define READ_PREFETCH 8192
-#endif
+#define READ_STEP 1024     /* a step is short: a job that stops the reader need not wait for it */
+#define READ_PREFETCH 8192 /* how far ahead of its step the reader requests lines */
 #define OWN_GRAINS 16  /* grains an owner takes at a time in a balanced job: ~256 KB of weights */
 #define STEAL_GRAINS 1 /* and a thief from the end of another part */
 

@@ -110,8 +110,8 @@ def main() -> None:
     kv = KVCache(config, 4096)
     kv.k[...] = 0.01  # written once, as a filled context would be
     kv.v[...] = 0.01
-    rope = Rope(128, 500000.0, 4096)
-    attn_qkv = rng.standard_normal((1, 30 * 128)).astype(np.float32)
+    rope = Rope(config.head_dim, 500000.0, config.max_seq_len)
+    attn_qkv = rng.standard_normal((1, config.q_dim + 2 * config.kv_dim)).astype(np.float32)
 
     for threads in [int(t) for t in args.threads.split(",")]:
         K.set_threads(threads)
@@ -158,12 +158,12 @@ def main() -> None:
         for pos in [int(v) for v in args.attention.split(",") if v]:
             def attention(pos: int = pos) -> None:
                 for i in range(args.layers):
-                    K.attention_decode_batch(attn_qkv, [kv.k[i]], [kv.v[i]], [pos], rope.cos, rope.sin, 20,
-                                             128 ** -0.5, [kv.scores])
+                    K.attention_decode_batch(attn_qkv, [kv.k[i]], [kv.v[i]], [pos], rope.cos, rope.sin,
+                                             config.n_heads, config.head_dim ** -0.5, [kv.scores])
 
             attention()
             t = median_time(attention, args.reps) / args.layers
-            kv_bytes = 2 * 5 * (pos + 1) * 128 * 4
+            kv_bytes = 2 * (pos + 1) * config.kv_dim * kv.k.itemsize
             print(f"  {threads}T attention at position {pos:<5} {t * 1e6:7.1f} us per layer  "
                   f"{kv_bytes / t / 1e9:5.1f} GB/s of keys and values")
     K.set_threads(K.default_threads())

@@ -87,8 +87,8 @@ static int take(int p, int from_end, int guided, int64_t n, int64_t *b, int64_t 
     for (;;) {
         const int64_t first = (int64_t)(c & 0xffffffffu), end = (int64_t)(c >> 32);
         if (first >= end) return 0;
-        const int64_t want = guided && (end - first + 3) / 4 < n ? (end - first + 3) / 4 : n;
-        const int64_t t = end - first < want ? end - first : want, u0 = from_end ? end - t : first;
+        const int64_t rest = end - first, quarter = (rest + 3) / 4, want = guided && quarter < n ? quarter : n;
+        const int64_t t = rest < want ? rest : want, u0 = from_end ? end - t : first;
         const uint64_t next = from_end ? (uint64_t)u0 << 32 | (uint64_t)first : (uint64_t)end << 32 | (uint64_t)(u0 + t);
         if (atomic_compare_exchange_weak_explicit(&pool.left[p], &c, next, memory_order_relaxed,
                                                   memory_order_relaxed)) {
@@ -129,7 +129,7 @@ static int read_ahead_step(void) {
     const int64_t done = atomic_load_explicit(&pool.ra_done, memory_order_relaxed);
     if (!start || done >= len) return 0;
     atomic_store(&pool.ra_busy, 1);
-    if (atomic_load(&pool.ra_gen) == g) { /* still the target: set_read_target waits for this step */
+    if (atomic_load(&pool.ra_gen) == g) { /* still the target (set_read_target waits for this step) */
         const int64_t n = len - done < READ_STEP ? len - done : READ_STEP;
         const volatile uint8_t *p = start + done;
         /* the next steps' lines are requested now, so the loads of a step rarely wait on memory (as the
@@ -153,11 +153,10 @@ static void stop_reading(void) {
 
 /* Changes the read-ahead target; once it returns, no worker reads the old one any more. call_lock held. */
 static void set_read_target(const void *base, int64_t total) {
-    atomic_store(&pool.ra_start, NULL);
+    stop_reading();
+    while (atomic_load(&pool.ra_busy)) CPU_RELAX();
     pool.ra_base = base;
     pool.ra_total = total;
-    atomic_fetch_add(&pool.ra_gen, 1);
-    while (atomic_load(&pool.ra_busy)) CPU_RELAX();
     if (!base) return;
     /* the start of the last part of an even split, which plan_parts hands that worker */
     const int nthreads = pool.nworkers + 1;

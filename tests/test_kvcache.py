@@ -29,3 +29,20 @@ def test_first_token_touches_only_its_pages() -> None:
     grown = _rss() - before
     assert grown < 16 << 20, f"writing one position grew RSS by {grown >> 20} MB"
     assert cache.k[29, 4, 0, 0] == 1.0 and cache.k[29, 4, 1, 0] == 0.0
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_forked_child_writes_its_own_copy() -> None:
+    # A server worker forked after a cache was made must not write into its parent's keys and values.
+    config = ModelConfig(arch="bitnet", dim=64, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=128, vocab_size=16,
+                         head_dim=32, max_seq_len=8)
+    cache = KVCache(config, 8)
+    cache.k[0, 0, 0, 0] = 1.0
+    pid = os.fork()
+    if pid == 0:  # the child: write, then leave without running the parent's cleanup
+        cache.k[0, 0, 0, 0] = 2.0
+        cache.v[0, 0, 1, 0] = 3.0
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert cache.k[0, 0, 0, 0] == 1.0 and cache.v[0, 0, 1, 0] == 0.0

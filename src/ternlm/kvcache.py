@@ -42,6 +42,7 @@ def _lazy_zeros(shape: tuple[int, ...]) -> np.ndarray:
     nbytes = int(np.prod(shape)) * 4
     if nbytes == 0 or not hasattr(mmap, "MADV_NOHUGEPAGE"):
         return np.zeros(shape, dtype=np.float32)
-    buf = mmap.mmap(-1, nbytes)
+    # Private: a process forked from this one gets its own copy on write, not the same pages.
+    buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     buf.madvise(mmap.MADV_NOHUGEPAGE)
     return np.frombuffer(buf, dtype=np.float32).reshape(shape)

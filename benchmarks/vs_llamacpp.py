@@ -1,9 +1,10 @@
-"""ternlm against llama.cpp (through llama-cpp-python) on BitNet b1.58 2B4T shapes, side by side in one run.
+"""ternlm against llama.cpp (through llama-cpp-python), and bitnet.cpp where built, on BitNet b1.58 2B4T shapes,
+side by side in one run.
 
     pip install gguf==0.19.0
     CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAVA_BUILD=OFF" pip install llama-cpp-python==0.3.36   # ~4 min on 2 cores
     python benchmarks/vs_llamacpp.py [--threads 1 2] [--reps 3] [--pp512] [--formats tq2_0 tq1_0]
-                                     [--heads f16 q8_0 q6_k] [--cache DIR]
+                                     [--heads f16 q8_0 q6_k] [--cache DIR] [--bitnet-cpp BUILD/bin/llama-bench]
 
 The random 2B4T-shaped model (benchmarks/make_2b4t_shapes.py) is written once to --cache (default
 ~/.cache/ternlm-bench/), and the SAME ternary weights once per (format, head) as a llama.cpp GGUF by
@@ -12,6 +13,12 @@ scale in every 256-block), F32 norms, the tied embedding/head `token_embd` in F1
 (`tokenizer.ggml.model` "none": the benchmark feeds token ids).
 llama.cpp's `bitnet` arch is the SiLU-gated 1bitLLM variant while 2B4T uses relu²: the weights read and the matmuls
 done are the same, so the speed comparison holds although the logits differ.
+
+--bitnet-cpp: the llama-bench of a bitnet.cpp build (github.com/microsoft/BitNet, built locally; it is not a
+package). The same weights are written once per head as I2_S (bitnet.cpp's `bitnet-b1.58`, the real 2B4T's
+architecture and its default F16 head), and each rep runs its llama-bench once per figure (-r 1, after its own
+warm-up). Its tg64 starts from an empty context rather than after the prompt: at these lengths attention is a
+small part of a step.
 
 pp = one batch of --pp tokens from an empty context; tg = 64 single-token steps after it (greedy argmax), like
 llama-bench. Engines alternate within each rep and the medians of --reps are reported; the machine is shared, so
@@ -23,7 +30,9 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import json
 import statistics
+import subprocess
 import time
 import warnings
 from pathlib import Path
@@ -37,6 +46,7 @@ from make_2b4t_shapes import main as make_model
 import ternlm
 from ternlm import kernels
 from ternlm.formats import open_model
+from ternlm.formats.gguf import read_gguf
 from ternlm.formats.gguf_write import write_gguf
 
 FORMATS = ("tq2_0", "tq1_0")
@@ -57,6 +67,22 @@ def write_llama_gguf(hf: Path, out: Path, fmt: str, head: str) -> None:
         warnings.filterwarnings("ignore", message=".*relu²")  # documented above: llama.cpp computes SiLU
         warnings.filterwarnings("ignore", message=".*no tokenizer")
         write_gguf(model, out, ternary_type=fmt, head_type=head, name="2b4t-random")
+
+
+def write_bitnet_gguf(hf: Path, out: Path, head: str) -> None:
+    """The random model as bitnet.cpp's I2_S GGUF (its float32 per-tensor scales exactly)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*no tokenizer")
+        write_gguf(open_model(hf), out, ternary_type="I2_S", head_type=head, name="2b4t-random")
+
+
+def bench_bitnet(llama_bench: Path, model: Path, threads: int, pp: int, tg: int) -> tuple[float, float]:
+    """(prefill tok/s of pp tokens, decode tok/s of tg tokens) from one run of bitnet.cpp's llama-bench."""
+    cmd = [str(llama_bench), "-m", str(model), "-p", str(pp), "-n", str(tg), "-t", str(threads), "-r", "1",
+           "-o", "json"]
+    tests = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+    rate = {(t["n_prompt"], t["n_gen"]): float(t["avg_ts"]) for t in tests}
+    return rate.get((pp, 0), float("nan")), rate.get((0, tg), float("nan"))
 
 
 def bench_llama(llm: llama_cpp.Llama, pp: int, tg: int) -> tuple[float, float]:
@@ -81,6 +107,7 @@ def main() -> None:
     ap.add_argument("--formats", nargs="+", choices=FORMATS, default=["tq2_0"])
     ap.add_argument("--heads", nargs="+", choices=HEADS, default=["f16", "q8_0", "q6_k"])
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "ternlm-bench")
+    ap.add_argument("--bitnet-cpp", type=Path, help="llama-bench of a local bitnet.cpp build: add it to the run")
     args = ap.parse_args()
     pps = [128, 512] if args.pp512 else [128]
 
@@ -114,6 +141,19 @@ def main() -> None:
                                               lambda pp, tg, m=llm: bench_llama(m, pp, tg),
                                               lambda n, m=llm: llama_cpp.llama_set_n_threads(m.ctx, n, n))
 
+    for head in args.heads if args.bitnet_cpp else []:
+        path = args.cache / f"2b4t-random-i2_s-{head}.gguf"
+        if not path.exists():
+            t0 = time.perf_counter()
+            write_bitnet_gguf(hf, path, head.upper())
+            print(f"wrote {path} in {time.perf_counter() - t0:.0f} s")
+        nbytes = sum(t.nbytes for t in read_gguf(path).tensors.values())
+        threads_now = {"n": 1}
+        engines[f"bitnet.cpp {head}"] = (
+            "bitnet.cpp", "i2_s", head, nbytes,
+            lambda pp, tg, p=path, t=threads_now: bench_bitnet(args.bitnet_cpp, p, t["n"], pp, tg),
+            lambda n, t=threads_now: t.update(n=n))
+
     kernels.set_threads(max(args.threads))
     bw = kernels.read_bandwidth()
     print(f"memory bandwidth ({max(args.threads)} threads, one pass over 1 GiB, best of 3): {bw / 1e9:.1f} GB/s; "
@@ -133,7 +173,7 @@ def main() -> None:
     ref = {}  # (head, threads) -> ternlm medians, for the ratios
     cols = [f"pp{pp}" for pp in pps] + ["tg64"]
     print(f"\n{'engine':10} {'weights':9} {'head':5} {'thr':>3} " + " ".join(f"{c:>7}" for c in cols)
-          + f" {'MB/tok':>7} {'GB/s':>5} {'ceiling':>7}  ternlm/llama.cpp " + " ".join(cols))
+          + f" {'MB/tok':>7} {'GB/s':>5} {'ceiling':>7}  ternlm/peer " + " ".join(cols))
     for (label, threads), runs in results.items():
         engine, fmt, head, nbytes, *_ = engines[label]
         med = [statistics.median(r[i] for r in runs) for i in range(len(cols))]

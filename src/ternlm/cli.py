@@ -418,8 +418,8 @@ def build_parser(file_values: dict[str, object] | None = None) -> argparse.Argum
     convert_p.add_argument("-o", "--output", required=True, help="the file to write")
     convert_p.add_argument("--to", choices=("tlm", "gguf"), default=None,
                            help="output format (default: gguf for a .gguf name, else tlm)")
-    convert_p.add_argument("--type", choices=("TQ2_0", "TQ1_0"), default="TQ2_0",
-                           help="GGUF type of the ternary projections (default TQ2_0)")
+    convert_p.add_argument("--type", choices=("TQ2_0", "TQ1_0", "I2_S"), default="TQ2_0",
+                           help="GGUF type of the ternary projections (default TQ2_0; I2_S: a file for bitnet.cpp)")
     convert_p.add_argument("--gguf-head", choices=("F16", "F32", "Q8_0", "Q6_K", "Q4_0"), default="F16",
                            help="GGUF type of the embedding and output head (default F16)")
     convert_p.add_argument("--head", choices=HEAD_TYPES, default="q8_0",

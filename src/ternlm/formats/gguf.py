@@ -633,7 +633,7 @@ def tokenizer_from_gguf(f: GGUFFile, arch_name: str = "") -> Tokenizer | None:
     """The tokenizer embedded in the file as a `tokenizers` byte-level BPE, or None (with a warning) when
     the file has none or one of a kind ternlm does not build (SentencePiece "llama", BERT, ...)."""
     model = _meta(f, "tokenizer.ggml.model", str)
-    if model is None:
+    if model in (None, "no_vocab", "none"):  # a file for token ids only, as its writer meant
         return None
     if model != "gpt2":
         warnings.warn(f"{f.path}: tokenizer model {model!r} is not supported (only byte-level BPE, \"gpt2\"); "

@@ -1,15 +1,16 @@
 """Write a loaded model as a GGUF file that llama.cpp runs.
 
-Ternary projections are written as TQ2_0 (2.06 bits/weight) or TQ1_0 (1.69 bits/weight): blocks of 256
-weights, each with one float16 scale. Every block of a row gets that row's scale, so the ternary values are
-exact; the scale is rounded to float16. That rounding (up to 2^-11) alone moved the shipped model's logits
-by 2.5 % of their spread (int8 activation roundings flip and add up), so when a tensor's one scale is not
-a float16 number, a one-value F32 tensor `<name>.scale` holds the ratio of the scale to its float16
-rounding: llama.cpp (and ternlm's reader) multiply a projection's output by it, which gives back the
-float32 scale. Rows that are not a whole number of 256-value blocks are written as F16 values, as
-llama.cpp's own converter does. Norms are F32; the embedding, and an untied output head, are F16, F32,
-Q8_0, Q6_K or Q4_0. Tensors are made and written one at a time, so writing needs about one tensor's
-worth of extra memory, not the model's.
+Ternary projections are written as TQ2_0 (2.06 bits/weight) or TQ1_0 (1.69 bits/weight): blocks of 256 weights,
+each with one float16 scale; or as bitnet.cpp's I2_S (2 bits/weight, one float32 scale per tensor, so exact),
+for bitnet.cpp only (see the architectures below). In TQ files every block of a row gets that row's scale, so
+the ternary values are exact; the scale is rounded to float16. That rounding (up to 2^-11) alone moved the
+shipped model's logits by 2.5 % of their spread (int8 activation roundings flip and add up), so when a tensor's
+one scale is not a float16 number, a one-value F32 tensor `<name>.scale` holds the ratio of the scale to its
+float16 rounding: llama.cpp (and ternlm's reader) multiply a projection's output by it, which gives back the
+float32 scale. Rows that are not a whole number of 256-value blocks are written as F16 values, as llama.cpp's
+own converter does. Norms are F32; the embedding, and an untied output head, are F16, F32, Q8_0, Q6_K or Q4_0.
+Tensors are made and written one at a time, so writing needs about one tensor's worth of extra memory, not the
+model's.
 
 Architectures, as llama.cpp (the build vendored by llama-cpp-python 0.3.36) runs them:
 - ternlm "bitnet" -> GGUF `bitnet`: both sub-norms, NEOX RoPE (the Hugging Face rotate-half layout, so q
@@ -22,6 +23,9 @@ Architectures, as llama.cpp (the build vendored by llama-cpp-python 0.3.36) runs
 - ternlm "llama" (ternary Llama: SiLU, no sub-norms) -> GGUF `llama`. llama.cpp rotates interleaved
   pairs there, so the rows of q and k are reordered per head from rotate-half to interleaved order, as
   llama.cpp's own converter does; a reader must undo that.
+- I2_S files: bitnet.cpp's `bitnet-b1.58` (its name for BitNet b1.58 2B4T: relu², both sub-norms, NEOX RoPE,
+  head tied to `token_embd`), the only architecture that reads I2_S. bitnet.cpp rejects a file with tensors it
+  does not create, so there are no `.scale` tensors (none are needed: the scale is float32).
 
 The tokenizer must be a byte-level BPE (GPT-2, Llama 3, Qwen 2 families): `tokenizer.ggml.model` "gpt2".
 `tokenizer.ggml.pre`, which selects llama.cpp's word-splitting regex, is taken from the tokenizer's own
@@ -42,6 +46,7 @@ import numpy as np
 
 from ternlm import ternary
 from ternlm.errors import FormatError, ParamError, TernlmError
+from ternlm.formats import ggml
 from ternlm.layers import FloatMatrix, Q4Matrix, Q8Matrix, TernaryLinear
 from ternlm.paths import replacing
 
@@ -51,10 +56,11 @@ if TYPE_CHECKING:
     from ternlm.model import ModelWeights
     from ternlm.tokenizer import Tokenizer
 
-TERNARY_TYPES = ("TQ2_0", "TQ1_0", "F16")  # F16: the same values in full precision, llama.cpp's float baseline
+TERNARY_TYPES = ("TQ2_0", "TQ1_0", "I2_S", "F16")  # F16: the same values in full precision, the float baseline
 HEAD_TYPES = ("F16", "F32", "Q8_0", "Q6_K", "Q4_0")
 # Columns per block of each type: a row must hold a whole number of blocks.
-BLOCK_COLS = {"TQ2_0": 256, "TQ1_0": 256, "Q6_K": 256, "Q8_0": 32, "Q4_0": 32, "F16": 1, "F32": 1}
+BLOCK_COLS = {"TQ2_0": 256, "TQ1_0": 256, "I2_S": 128, "Q6_K": 256, "Q8_0": 32, "Q4_0": 32, "F16": 1, "F32": 1}
+I2S_FILE_TYPE = 40  # bitnet.cpp's LLAMA_FTYPE_MOSTLY_I2_S (gguf-py knows neither it nor the I2_S type)
 CHUNK_ROWS = 4096  # rows converted at a time: bounds the float32 temporaries of a 128k-row embedding
 
 # The tokenizer's split regex -> llama.cpp `tokenizer.ggml.pre` name with the same regex. A tokenizer
@@ -95,7 +101,8 @@ def write_gguf(model: LoadedModel, out: str | Path, ternary_type: str = "TQ2_0",
                name: str | None = None) -> Path:
     """Write `model` (from ``ternlm.formats.open_model``) to the GGUF file `out`; returns its path.
 
-    ternary_type: "TQ2_0" or "TQ1_0" for the seven projections of every layer, or "F16" for the same values
+    ternary_type: "TQ2_0" or "TQ1_0" for the seven projections of every layer, "I2_S" for a file that
+    bitnet.cpp runs (arch `bitnet-b1.58`; relu² BitNet models only), or "F16" for the same values
     in full precision (what a float model's file holds: the baseline to compare with). head_type: "F16", "F32",
     "Q8_0", "Q6_K" or "Q4_0" for the embedding and an untied head (a Q8_0/Q4_0 head of a model loaded
     with ternlm's head quantization is copied bit for bit). name: `general.name` (default: the file's
@@ -114,7 +121,7 @@ def write_gguf(model: LoadedModel, out: str | Path, ternary_type: str = "TQ2_0",
     if not out.parent.is_dir():
         raise ParamError(f"{out.parent}: no such directory")
     gguf = _import_gguf()
-    arch = _gguf_arch(config, weights)
+    arch = _gguf_arch(config, weights, ternary_type)
     tensors = list(_tensors(config, weights, arch, ternary_type, head_type, gguf))
     for t in tensors:
         if t.cols % BLOCK_COLS[t.qtype]:
@@ -133,12 +140,10 @@ def write_gguf(model: LoadedModel, out: str | Path, ternary_type: str = "TQ2_0",
         try:
             _write_metadata(writer, gguf, config, arch, ternary_type, name if name is not None else out.stem)
             _write_vocab(writer, gguf, getattr(model, "tokenizer", None), config)
-            qtypes = gguf.GGMLQuantizationType
             for t in tensors:
-                qtype = qtypes[t.qtype]
-                block, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
-                nbytes = int(np.prod(t.shape)) // block * block_bytes
-                writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), nbytes, raw_dtype=qtype)
+                type_id = ggml.I2_S if t.qtype == "I2_S" else gguf.GGMLQuantizationType[t.qtype]
+                writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), ggml.tensor_nbytes(type_id, t.shape),
+                                       raw_dtype=type_id)
             writer.write_header_to_file()
             writer.write_kv_data_to_file()
             writer.write_ti_data_to_file()
@@ -165,9 +170,18 @@ def _import_gguf() -> Any:
     return gguf
 
 
-def _gguf_arch(c: ModelConfig, w: ModelWeights) -> str:
-    """The llama.cpp architecture that computes this model, or a FormatError saying why there is none."""
+def _gguf_arch(c: ModelConfig, w: ModelWeights, ternary_type: str) -> str:
+    """The llama.cpp (bitnet.cpp for I2_S) architecture that computes this model, or a FormatError saying why
+    there is none."""
     has_sub_norms = [lw.attn_sub_norm is not None and lw.ffn_sub_norm is not None for lw in w.layers]
+    if ternary_type == "I2_S":
+        if c.arch != "bitnet" or c.hidden_act != "relu2" or not all(has_sub_norms):
+            raise FormatError("I2_S is bitnet.cpp's, whose `bitnet-b1.58` computes relu² BitNet models with both "
+                              f"sub-norms (2B4T's kind); this is a {c.hidden_act} {c.arch} model: write TQ2_0 or TQ1_0")
+        if w.head is not w.embed:
+            raise FormatError("bitnet.cpp's `bitnet-b1.58` has no separate output head (it multiplies by "
+                              "token_embd); this model has one, so it cannot be written as I2_S")
+        return "bitnet-b1.58"
     if c.arch == "bitnet":
         if not all(has_sub_norms):
             raise FormatError("a bitnet model without attn_sub_norm/ffn_sub_norm in every layer has no GGUF "
@@ -192,7 +206,7 @@ def _gguf_arch(c: ModelConfig, w: ModelWeights) -> str:
 
 def _write_metadata(writer: Any, gguf: Any, c: ModelConfig, arch: str, ternary_type: str, name: str) -> None:
     writer.add_name(name)
-    writer.add_file_type(gguf.LlamaFileType[f"MOSTLY_{ternary_type}"])
+    writer.add_file_type(I2S_FILE_TYPE if ternary_type == "I2_S" else gguf.LlamaFileType[f"MOSTLY_{ternary_type}"])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     writer.add_context_length(c.max_seq_len)
     writer.add_embedding_length(c.dim)
@@ -221,7 +235,7 @@ def _tensors(c: ModelConfig, w: ModelWeights, arch: str, ternary_type: str, head
     yield _vector("output_norm.weight", w.norm)
     if w.head is not w.embed:
         yield _matrix("output.weight", w.head, head_type)
-    qtype = gguf.GGMLQuantizationType[ternary_type]
+    qtype = gguf.GGMLQuantizationType[ternary_type] if ternary_type != "I2_S" else None
     for i, lw in enumerate(w.layers):
         p = f"blk.{i}."
         q_rows, kv_rows = (_interleave_rows(c.q_dim, c.n_heads), _interleave_rows(c.kv_dim, c.n_kv_heads)) \
@@ -263,6 +277,9 @@ def _projection(name: str, lin: TernaryLinear, r0: int, r1: int, qtype: Any, typ
     n_parts = getattr(lin, "n_parts", 1)
     parts = [lin.part(j) for j in range(n_parts)] if n_parts > 1 else [lin]
     scales = [np.broadcast_to(np.asarray(p.scale, np.float32), (lin.out_features,))[r0:r1] for p in parts]
+    if type_name == "I2_S" and (n_parts > 1 or np.any(scales[0] != scales[0][0])):
+        raise FormatError(f"{name}: its rows have different weight scales, and I2_S holds one per tensor; "
+                          "write TQ2_0 or TQ1_0 (a scale per block)")
     for s in scales:
         half = s.astype(np.float16)
         bad = ~(np.isfinite(half) & (s >= 0) & ((half > 0) | (s == 0)))
@@ -280,6 +297,8 @@ def _projection(name: str, lin: TernaryLinear, r0: int, r1: int, qtype: Any, typ
         if order is not None:
             codes, s = [c[order] for c in codes], [x[order] for x in s]
         out = []
+        if type_name == "I2_S":
+            return i2_s_bytes(codes[0], s[0][0])
         for i in range(0, r1 - r0, CHUNK_ROWS):
             if type_name == "TQ2_0" and n_parts == 1:  # straight from the codes: no float round trip
                 out.append(tq2_0_bytes(codes[0][i:i + CHUNK_ROWS], s[0][i:i + CHUNK_ROWS]))
@@ -293,7 +312,8 @@ def _projection(name: str, lin: TernaryLinear, r0: int, r1: int, qtype: Any, typ
 
     yield _Tensor(name, (r1 - r0, lin.in_features), type_name, make)
     first = scales[0][0]
-    if n_parts == 1 and np.all(scales[0] == first) and np.float32(np.float16(first)) != first:
+    if type_name in ("TQ2_0", "TQ1_0", "F16") and n_parts == 1 and np.all(scales[0] == first) \
+            and np.float32(np.float16(first)) != first:
         ratio = _ratio(first)
         yield _Tensor(name.removesuffix(".weight") + ".scale", (1,), "F32", lambda: np.array([ratio], np.float32))
 
@@ -308,6 +328,19 @@ def tq2_0_bytes(codes: np.ndarray, scale: np.ndarray) -> np.ndarray:
     qs = (c[:, :, 0] | c[:, :, 1] << 2 | c[:, :, 2] << 4 | c[:, :, 3] << 6).reshape(rows, k // 256, 64)
     d = np.repeat(np.asarray(scale, np.float16).reshape(rows, 1), k // 256, axis=1)
     return np.concatenate([qs, d.view(np.uint8).reshape(rows, k // 256, 2)], axis=2).reshape(rows, -1)
+
+
+def i2_s_bytes(codes: np.ndarray, scale: np.float32) -> np.ndarray:
+    """codes w+1 (rows, k), rows * k % 128 == 0, and the tensor's scale -> bitnet.cpp's I2_S bytes (x86 layout).
+
+    The tensor is one row-major run of 128-value blocks of 32 bytes: byte j of a block holds values j, 32 + j,
+    64 + j, 96 + j in bits 7-6, 5-4, 3-2, 1-0. Then the float32 scale, padded to 32 bytes.
+    """
+    c = codes.reshape(-1, 4, 32)
+    packed = c[:, 0] << 6 | c[:, 1] << 4 | c[:, 2] << 2 | c[:, 3]
+    tail = np.zeros(ggml.I2S_TAIL, np.uint8)
+    tail[:4] = np.array([scale], "<f4").view(np.uint8)
+    return np.concatenate([packed.reshape(-1), tail])
 
 
 def _ratio(s: np.float32) -> np.float32:
@@ -396,9 +429,9 @@ def _write_vocab(writer: Any, gguf: Any, tokenizer: Tokenizer | None, c: ModelCo
     """The tokenizer as llama.cpp's "gpt2" (byte-level BPE) vocabulary, padded to the embedding's rows."""
     if tokenizer is None:
         # llama.cpp's "no vocab": it then takes the vocabulary size from the embedding and runs token ids.
-        warnings.warn("the model has no tokenizer: the GGUF gets none (tokenizer.ggml.model \"none\") and "
+        warnings.warn("the model has no tokenizer: the GGUF gets none (tokenizer.ggml.model \"no_vocab\") and "
                       "runs on token ids only", stacklevel=3)
-        writer.add_tokenizer_model("none")
+        writer.add_tokenizer_model("no_vocab")  # gguf-py's name for it; bitnet.cpp reads only this one
         return
     data = json.loads(tokenizer.to_json())
     bpe = data.get("model") or {}

@@ -49,6 +49,17 @@ def test_convert_to_gguf_and_load_it_back(tmp_path, qtype: str) -> None:
                                rtol=0, atol=1e-5)
 
 
+def test_convert_to_i2_s_for_bitnet_cpp(tmp_path) -> None:
+    """The shipped model as bitnet.cpp's I2_S reads back with the same logits, bit for bit: float32 scales, and
+    its float32 embedding kept as F32 (F16, the default, rounds it)."""
+    out = tmp_path / "default-i2s.gguf"
+    args = ["convert", str(ternlm.api.default_model_path()), "-o", str(out), "--type", "I2_S", "--gguf-head", "F32"]
+    assert main(args) == 0
+    ids = [5, 6, 7, 8]
+    np.testing.assert_array_equal(ternlm.load(out, head="float", cache=False).logits(ids),
+                                  ternlm.load(ternlm.api.default_model_path(), head="float", cache=False).logits(ids))
+
+
 def test_tco_command_prints_json(capsys: pytest.CaptureFixture) -> None:
     import json
 

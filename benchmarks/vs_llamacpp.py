@@ -10,7 +10,7 @@ The random 2B4T-shaped model (benchmarks/make_2b4t_shapes.py) is written once to
 ~/.cache/ternlm-bench/), and the SAME ternary weights once per (format, head) as a llama.cpp GGUF by
 ternlm.formats.gguf_write: arch `bitnet`, TQ2_0/TQ1_0 projections holding ternary x per-tensor scale (the same
 scale in every 256-block), F32 norms, the tied embedding/head `token_embd` in F16, Q8_0 or Q6_K, and no vocabulary
-(`tokenizer.ggml.model` "none": the benchmark feeds token ids).
+(`tokenizer.ggml.model` "no_vocab": the benchmark feeds token ids).
 llama.cpp's `bitnet` arch is the SiLU-gated 1bitLLM variant while 2B4T uses relu²: the weights read and the matmuls
 done are the same, so the speed comparison holds although the logits differ.
 

@@ -242,3 +242,10 @@ def test_blocked_prefill_attention_matches_decode_attention(model: ternlm.Model)
         for j in range(len(qkv))])
     np.testing.assert_allclose(blocked, one_by_one, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(prefill_cache.k, decode_cache.k, rtol=1e-6, atol=1e-6)
+    threads = kernels.get_threads()
+    try:  # the blocks run on the kernels' thread count; which thread takes a block must not matter
+        for n in (1, 3):
+            kernels.set_threads(n)
+            np.testing.assert_array_equal(t.attention_prefill(qkv, 0, prefill_cache, start), blocked)
+    finally:
+        kernels.set_threads(threads)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,7 +16,22 @@ from ternlm.errors import ParamError, ShapeError
 from ternlm.kvcache import KVCache
 from ternlm.layers import LAYOUTS, FloatMatrix, Q4Matrix, Q8Matrix, Rope, TernaryLinear, rms_norm
 
-PREFILL_BLOCK = 128  # queries per block of prefill attention
+PREFILL_BLOCK = 64  # queries per block of prefill attention: the unit of work of its threads
+_POOLS: dict[int, ThreadPoolExecutor] = {}  # thread count -> the threads prefill attention runs on
+
+
+def parallel(fn: Callable[..., None], items: list[tuple]) -> None:
+    """fn(*item) for every item, on as many threads as the kernels use: numpy releases the GIL in matmuls and
+    ufuncs, so numpy work split this way runs on every core (BLAS stays single-threaded, see _forward). Items
+    go in the order given: put the costliest first."""
+    n = min(kernels.get_threads(), len(items))
+    if n <= 1:
+        for item in items:
+            fn(*item)
+        return
+    pool = _POOLS.get(n) or _POOLS.setdefault(n, ThreadPoolExecutor(n, thread_name_prefix="ternlm-attn"))
+    for _ in pool.map(lambda item: fn(*item), items):  # re-raises a worker's exception here
+        pass
 
 
 @dataclass
@@ -147,32 +164,36 @@ class Transformer:
     def attention_prefill(self, qkv: np.ndarray, i: int, cache: KVCache, start: int) -> np.ndarray:
         """Causal attention of t tokens at positions start.. with numpy matmuls; returns (t, q_dim)."""
         c = self.config
-        t = len(qkv)
+        t, hd = len(qkv), c.head_dim
         q, k, v = np.split(qkv, [c.q_dim, c.q_dim + c.kv_dim], axis=1)
-        q = self.rope(q.reshape(t, c.n_heads, c.head_dim).transpose(1, 0, 2), start)
-        k = self.rope(k.reshape(t, c.n_kv_heads, c.head_dim).transpose(1, 0, 2), start)
-        v = v.reshape(t, c.n_kv_heads, c.head_dim).transpose(1, 0, 2)
+        k = self.rope(k.reshape(t, c.n_kv_heads, hd).transpose(1, 0, 2), start)
+        v = v.reshape(t, c.n_kv_heads, hd).transpose(1, 0, 2)
         keys, values = cache.store(i, start, k, v)  # (kv_heads, s, head_dim), s = start + t
 
         # Grouped-query attention: the query heads sharing a KV head are stacked along the token axis.
         # Queries go in blocks, each against only the keys it can see: causal attention does half the
-        # work of a full square, and the score buffers stay small.
+        # work of a full square, and the score buffers stay small. Each (KV head, block) is one item of
+        # work for the threads, from RoPE of its queries to its slice of the output; the blocks that see
+        # the most keys go first.
         group = c.n_heads // c.n_kv_heads
-        q = q.reshape(c.n_kv_heads, group, t, c.head_dim)
-        out = np.empty_like(q)
-        for b0 in range(0, t, PREFILL_BLOCK):
+        out = np.empty((t, c.q_dim), np.float32)
+
+        def block(g: int, b0: int) -> None:
             b1 = min(b0 + PREFILL_BLOCK, t)
             s = start + b1  # keys visible to the block's last query
-            qb = q[:, :, b0:b1].reshape(c.n_kv_heads, group * (b1 - b0), c.head_dim)
-            scores = (qb @ keys[:, :s].transpose(0, 2, 1)).reshape(c.n_kv_heads, group, b1 - b0, s)
+            heads = slice(g * group * hd, (g + 1) * group * hd)
+            qb = self.rope(q[b0:b1, heads].reshape(b1 - b0, group, hd).transpose(1, 0, 2), start + b0)
+            scores = (qb.reshape(group * (b1 - b0), hd) @ keys[g, :s].T).reshape(group, b1 - b0, s)
             scores *= self.scale
             scores[..., np.arange(s) > start + np.arange(b0, b1)[:, None]] = -np.inf  # position start+j sees 0..start+j
             scores -= scores.max(axis=-1, keepdims=True)
             np.exp(scores, out=scores)
             scores /= scores.sum(axis=-1, keepdims=True)
-            probs = scores.reshape(c.n_kv_heads, group * (b1 - b0), s)
-            out[:, :, b0:b1] = (probs @ values[:, :s]).reshape(c.n_kv_heads, group, b1 - b0, c.head_dim)
-        return out.reshape(c.n_heads, t, c.head_dim).transpose(1, 0, 2).reshape(t, c.q_dim)
+            weighted = scores.reshape(group * (b1 - b0), s) @ values[g, :s]  # (group * tokens, hd)
+            out[b0:b1, heads] = weighted.reshape(group, b1 - b0, hd).transpose(1, 0, 2).reshape(b1 - b0, -1)
+
+        parallel(block, [(g, b0) for b0 in reversed(range(0, t, PREFILL_BLOCK)) for g in range(c.n_kv_heads)])
+        return out
 
     def mlp(self, x: np.ndarray, w: LayerWeights) -> np.ndarray:
         eps = self.config.norm_eps

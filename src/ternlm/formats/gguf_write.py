@@ -277,10 +277,10 @@ def _projection(name: str, lin: TernaryLinear, r0: int, r1: int, qtype: Any, typ
     n_parts = getattr(lin, "n_parts", 1)
     parts = [lin.part(j) for j in range(n_parts)] if n_parts > 1 else [lin]
     scales = [np.broadcast_to(np.asarray(p.scale, np.float32), (lin.out_features,))[r0:r1] for p in parts]
-    if type_name == "I2_S" and (n_parts > 1 or np.any(scales[0] != scales[0][0])):
+    if type_name == "I2_S" and (n_parts > 1 or np.any(scales[0] != scales[0][0])):  # one float32 per tensor
         raise FormatError(f"{name}: its rows have different weight scales, and I2_S holds one per tensor; "
                           "write TQ2_0 or TQ1_0 (a scale per block)")
-    for s in scales:
+    for s in scales if type_name != "I2_S" else []:  # TQ: one float16 scale per block
         half = s.astype(np.float16)
         bad = ~(np.isfinite(half) & (s >= 0) & ((half > 0) | (s == 0)))
         if bad.any():
@@ -296,9 +296,9 @@ def _projection(name: str, lin: TernaryLinear, r0: int, r1: int, qtype: Any, typ
         s = scales
         if order is not None:
             codes, s = [c[order] for c in codes], [x[order] for x in s]
-        out = []
         if type_name == "I2_S":
             return i2_s_bytes(codes[0], s[0][0])
+        out = []
         for i in range(0, r1 - r0, CHUNK_ROWS):
             if type_name == "TQ2_0" and n_parts == 1:  # straight from the codes: no float round trip
                 out.append(tq2_0_bytes(codes[0][i:i + CHUNK_ROWS], s[0][i:i + CHUNK_ROWS]))
@@ -312,8 +312,7 @@ def _projection(name: str, lin: TernaryLinear, r0: int, r1: int, qtype: Any, typ
 
     yield _Tensor(name, (r1 - r0, lin.in_features), type_name, make)
     first = scales[0][0]
-    if type_name in ("TQ2_0", "TQ1_0", "F16") and n_parts == 1 and np.all(scales[0] == first) \
-            and np.float32(np.float16(first)) != first:
+    if type_name != "I2_S" and n_parts == 1 and np.all(scales[0] == first) and np.float32(np.float16(first)) != first:
         ratio = _ratio(first)
         yield _Tensor(name.removesuffix(".weight") + ".scale", (1,), "F32", lambda: np.array([ratio], np.float32))
 

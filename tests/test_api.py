@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -247,5 +250,29 @@ def test_blocked_prefill_attention_matches_decode_attention(model: ternlm.Model)
         for n in (1, 3):
             kernels.set_threads(n)
             np.testing.assert_array_equal(t.attention_prefill(qkv, 0, prefill_cache, start), blocked)
+    finally:
+        kernels.set_threads(threads)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_prefill_in_a_forked_child(model: ternlm.Model) -> None:
+    """A process forked after a prefill has none of the parent's attention threads; its own prefill must start
+    new ones (it hung waiting on the parent's), and give the same logits."""
+    threads = kernels.get_threads()
+    kernels.set_threads(2)
+    try:
+        ids = list(range(1, 150))  # > one 64-query block: several items of work
+        expect = model.logits(ids)
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0 if np.array_equal(model.logits(ids), expect) else 1)
+        deadline = time.monotonic() + 60
+        while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if done[0] == 0:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child's prefill did not finish in 60 s")
+        assert os.waitstatus_to_exitcode(done[1]) == 0
     finally:
         kernels.set_threads(threads)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from ternlm.layers import LAYOUTS, FloatMatrix, Q4Matrix, Q8Matrix, Rope, Ternar
 
 PREFILL_BLOCK = 64  # queries per block of prefill attention: the unit of work of its threads
 _POOLS: dict[int, ThreadPoolExecutor] = {}  # thread count -> the threads prefill attention runs on
+os.register_at_fork(after_in_child=_POOLS.clear)  # a forked child has none of its parent's threads
 
 
 def parallel(fn: Callable[..., None], items: list[tuple]) -> None:

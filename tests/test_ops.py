@@ -36,6 +36,32 @@ def test_glu_rejects_bad_input() -> None:
         kernels.glu(np.zeros((2, 4), np.float32), "gelu")
 
 
+@settings(max_examples=40, deadline=None)
+@given(heads=st.integers(1, 4), period=st.integers(1, 70), first=st.integers(1, 300), extra=st.integers(0, 40),
+       seed=st.integers(0, 2**32 - 1))
+def test_causal_softmax(heads: int, period: int, first: int, extra: int, seed: int) -> None:
+    """Prefill's causal softmax against numpy, rows stacked per head as attention_prefill stacks them; some
+    rows see every key (s shorter than their reach), the others end in zeros."""
+    rng = np.random.default_rng(seed)
+    s = max(1, first + period - 1 - extra)
+    x = (rng.standard_normal((heads * period, s)) * rng.uniform(0.1, 30)).astype(np.float32)
+    want = ternary.causal_softmax(x, period, first, 0.088)
+    got = kernels.causal_softmax(x.copy(), period, first, 0.088)
+    np.testing.assert_allclose(got, want, rtol=2e-6, atol=1e-9)  # exp within 2 ulp of numpy's
+    reach = np.minimum(first + np.arange(heads * period) % period, s)
+    assert all(not got[r, n:].any() for r, n in enumerate(reach))
+    np.testing.assert_allclose(got.sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_causal_softmax_rejects_bad_input() -> None:
+    with pytest.raises(ShapeError):
+        kernels.causal_softmax(np.zeros((2, 5), np.float32), 0, 1, 1.0)
+    with pytest.raises(ShapeError):
+        kernels.causal_softmax(np.zeros((2, 5), np.float64), 2, 1, 1.0)
+    with pytest.raises((ShapeError, ValueError, BufferError)):
+        kernels.causal_softmax(np.zeros((2, 10), np.float32)[:, ::2], 2, 1, 1.0)  # not contiguous
+
+
 @settings(max_examples=30, deadline=None)
 @given(n_kv=st.sampled_from([1, 2, 4]), group=st.sampled_from([1, 3, 4]), hd=st.sampled_from([2, 16, 64, 128]),
        pos=st.one_of(st.integers(0, 70), st.integers(0, 300)), seed=st.integers(0, 2**32 - 1))

@@ -185,13 +185,9 @@ class Transformer:
             s = start + b1  # keys visible to the block's last query
             heads = slice(g * group * hd, (g + 1) * group * hd)
             qb = self.rope(q[b0:b1, heads].reshape(b1 - b0, group, hd).transpose(1, 0, 2), start + b0)
-            scores = (qb.reshape(group * (b1 - b0), hd) @ keys[g, :s].T).reshape(group, b1 - b0, s)
-            scores *= self.scale
-            scores[..., np.arange(s) > start + np.arange(b0, b1)[:, None]] = -np.inf  # position start+j sees 0..start+j
-            scores -= scores.max(axis=-1, keepdims=True)
-            np.exp(scores, out=scores)
-            scores /= scores.sum(axis=-1, keepdims=True)
-            weighted = scores.reshape(group * (b1 - b0), s) @ values[g, :s]  # (group * tokens, hd)
+            scores = qb.reshape(group * (b1 - b0), hd) @ keys[g, :s].T  # (group * tokens, s)
+            kernels.causal_softmax(scores, b1 - b0, start + b0 + 1, self.scale)  # position start+j sees 0..start+j
+            weighted = scores @ values[g, :s]  # (group * tokens, hd)
             out[b0:b1, heads] = weighted.reshape(group, b1 - b0, hd).transpose(1, 0, 2).reshape(b1 - b0, -1)
 
         parallel(block, [(g, b0) for b0 in reversed(range(0, t, PREFILL_BLOCK)) for g in range(c.n_kv_heads)])

@@ -465,6 +465,15 @@ def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
+def causal_softmax(x: np.ndarray, period: int, first: int, scale: float) -> np.ndarray:
+    """Row r of x (rows, s) as softmax(scale * x) over its first first + r % period entries, 0 after them."""
+    rows, s = x.shape
+    visible = np.arange(s) < np.minimum(first + np.arange(rows) % period, s)[:, None]
+    y = np.where(visible, x * np.float32(scale), -np.inf)
+    y = np.exp(y - y.max(axis=-1, keepdims=True))
+    return (y / y.sum(axis=-1, keepdims=True)).astype(np.float32)
+
+
 def attention_decode(qkv: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, pos: int, cos: np.ndarray,
                      sin: np.ndarray, n_heads: int, scale: float) -> np.ndarray:
     """Attention of one token at `pos`: RoPE, cache write, then grouped-query softmax attention.

@@ -258,6 +258,22 @@ def glu(gu: np.ndarray, act: str) -> np.ndarray:
     return out
 
 
+def causal_softmax(x: np.ndarray, period: int, first: int, scale: float) -> np.ndarray:
+    """Prefill attention's causal softmax, in place: row r of x float32 (rows, s) becomes softmax(scale * x)
+    over its first ``first + r % period`` entries (a block of ``period`` queries, stacked per head, the first
+    seeing ``first`` keys), 0 after them. One C call with the GIL released, so blocks run on several threads.
+    """
+    rows, s = _shape2(x, "x")
+    if period <= 0 or first <= 0:
+        raise ShapeError(f"causal_softmax: period and first must be positive, got {period} and {first}")
+    if _ext is None:
+        x[...] = _ref.causal_softmax(x, period, first, scale)
+    else:
+        _check_out(x, (rows, s), _F32)
+        _ext.causal_softmax(x, rows, s, period, first, scale)
+    return x
+
+
 def attention_decode(qkv: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, pos: int, cos: np.ndarray,
                      sin: np.ndarray, n_heads: int, scale: float, scores: np.ndarray) -> np.ndarray:
     """One token's attention at `pos` (see ``ternlm.ternary.attention_decode``); writes k, v into the caches.

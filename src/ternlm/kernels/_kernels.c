@@ -832,6 +832,26 @@ static PyObject *py_glu(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     Py_RETURN_NONE;
 }
 
+/* causal_softmax(x, rows, s, period, first, scale): in place */
+static PyObject *py_causal_softmax(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    int64_t s[4];
+    float scale;
+    if (check_nargs(nargs, 6, "causal_softmax") || get_i64(args[1], "rows", &s[0]) || get_i64(args[2], "s", &s[1]) ||
+        get_i64(args[3], "period", &s[2]) || get_i64(args[4], "first", &s[3]) || check_sizes(4, s, "causal_softmax") ||
+        get_f32(args[5], "scale", &scale))
+        return NULL;
+    Py_buffer x;
+    if (get_buf(args[0], "x", 'f', 4, cnt(s[0], s[1]), 1, &x)) return NULL;
+    int st;
+    Py_BEGIN_ALLOW_THREADS
+    st = tl_causal_softmax(x.buf, s[0], s[1], s[2], s[3], scale);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&x);
+    if (st != TL_OK) return raise_status(st), NULL;
+    Py_RETURN_NONE;
+}
+
 /* attention_decode(qkv, k_cache, v_cache, max_len, pos, cos, sin, n_heads, n_kv, hd, scale, scores, out) */
 static PyObject *py_attention_decode(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
@@ -1023,6 +1043,8 @@ static PyMethodDef methods[] = {
      "q4_matmul(q4, d, n, k, xq, xd, m, y): y (m, n) = Q4_0 weights (q4 uint8 (n, k/2), d float16) . Q8_0 activations"},
     {"rmsnorm", (PyCFunction)(void (*)(void))py_rmsnorm, METH_FASTCALL, "rmsnorm(x, w, eps, m, k, out)"},
     {"glu", (PyCFunction)(void (*)(void))py_glu, METH_FASTCALL, "glu(gu, m, f, act, out)"},
+    {"causal_softmax", (PyCFunction)(void (*)(void))py_causal_softmax, METH_FASTCALL,
+     "causal_softmax(x, rows, s, period, first, scale)"},
     {"attention_decode", (PyCFunction)(void (*)(void))py_attention_decode, METH_FASTCALL,
      "attention_decode(qkv, k_cache, v_cache, max_len, pos, cos, sin, n_heads, n_kv, hd, scale, scores, out)"},
     {"attention_decode_batch", (PyCFunction)(void (*)(void))py_attention_decode_batch, METH_FASTCALL,

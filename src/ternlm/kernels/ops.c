@@ -190,6 +190,23 @@ INLINE void weigh_values(const float *p, int64_t ld, int nh, const float *values
         }
 }
 
+/* Prefill attention's causal softmax in place: row r of x (rows, s) sees its first n = first + r % period
+ * keys (at most s), as query first - 1 + r % period of a block does; those become softmax(scale * x), the rest 0.
+ * The decode kernel's exp and order of operations (exp_shifted, then one divide per score). */
+CLONES int tl_causal_softmax(float *x, int64_t rows, int64_t s, int64_t period, int64_t first, float scale) {
+    if (!x) return TL_ENULL;
+    if (rows <= 0 || s <= 0 || period <= 0 || first <= 0) return TL_ESIZE;
+    for (int64_t r = 0; r < rows; r++) {
+        float *row = x + r * s, total;
+        const int64_t n = first + r % period < s ? first + r % period : s;
+        for (int64_t t = 0; t < n; t++) row[t] *= scale;
+        exp_shifted(row, n, &total);
+        for (int64_t t = 0; t < n; t++) row[t] /= total;
+        memset(row + n, 0, (size_t)(s - n) * sizeof *row);
+    }
+    return TL_OK;
+}
+
 CLONES int tl_rmsnorm(const float *x, const float *w, float eps, int64_t m, int64_t k, float *y) {
     if (!x || !w || !y) return TL_ENULL;
     if (m <= 0 || k <= 0) return TL_ESIZE;

@@ -105,6 +105,8 @@ enum tl_act { TL_ACT_RELU2 = 0, TL_ACT_SILU = 1 };
 int tl_rmsnorm(const float *x, const float *w, float eps, int64_t m, int64_t k, float *y);
 /* gu (m, 2f) = [gate | up] -> z (m, f) = act(gate) * up; act relu^2 or silu. */
 int tl_glu(const float *gu, int64_t m, int64_t f, int act, float *z);
+/* Causal softmax of prefill attention scores in place (see ops.c). */
+int tl_causal_softmax(float *x, int64_t rows, int64_t s, int64_t period, int64_t first, float scale);
 /* One new token at position pos of one layer: RoPE (cos, sin: (hd/2) of pos) on q and k, k and v
  * written to the caches (n_kv, max_len, hd) at pos, then per query head h softmax(q.K^T * scale) V
  * over positions 0..pos with KV head h / (n_heads / n_kv). qkv (n_heads*hd + 2*n_kv*hd),

@@ -37,7 +37,6 @@ import time
 import warnings
 from pathlib import Path
 
-import gguf  # gguf==0.19.0
 import llama_cpp  # llama-cpp-python==0.3.36
 import numpy as np
 from bench_decode import bench as bench_ternlm
@@ -54,26 +53,25 @@ HEADS = ("f16", "q8_0", "q6_k")
 TERNLM_HEADS = {"f16": "float"}  # ternlm.load(head=...) names, where they differ; "float" keeps the F16 checkpoint
 
 
-def write_llama_gguf(hf: Path, out: Path, fmt: str, head: str) -> None:
-    """The random model as a llama.cpp GGUF (ternlm.formats.gguf_write), its scales rounded to float16 first:
-    the real 2B4T's bf16 scales are float16 numbers, so its GGUF has no `.scale` multipliers, and neither
-    should this one (llama.cpp would do an extra multiply per projection)."""
-    model = open_model(hf)
-    for layer in model.weights.layers:
-        for lin in layer.linears():
+def bench_gguf(hf: Path, cache: Path, fmt: str, head: str) -> tuple[Path, int]:
+    """(path, bytes of its tensors) of the random model as a GGUF of ternary type `fmt` (tq2_0 / tq1_0 for
+    llama.cpp, i2_s for bitnet.cpp) and `head`, written into `cache` once (ternlm.formats.gguf_write).
+    For the TQ types the scales are rounded to float16 first: the real 2B4T's bf16 scales are float16 numbers,
+    so its GGUF has no `.scale` multipliers, and neither should this one (llama.cpp would do an extra multiply
+    per projection). I2_S keeps the float32 scales as they are."""
+    path = cache / f"2b4t-random-{fmt}-{head}.gguf"
+    if not path.exists():
+        t0 = time.perf_counter()
+        model = open_model(hf)
+        for lin in (lin for layer in model.weights.layers for lin in layer.linears()) if fmt != "i2_s" else ():
             half = np.asarray(lin.scale, np.float32).astype(np.float16).astype(np.float32)
             lin.scale = half if half.ndim else float(half)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*relu²")  # documented above: llama.cpp computes SiLU
-        warnings.filterwarnings("ignore", message=".*no tokenizer")
-        write_gguf(model, out, ternary_type=fmt, head_type=head, name="2b4t-random")
-
-
-def write_bitnet_gguf(hf: Path, out: Path, head: str) -> None:
-    """The random model as bitnet.cpp's I2_S GGUF (its float32 per-tensor scales exactly)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*no tokenizer")
-        write_gguf(open_model(hf), out, ternary_type="I2_S", head_type=head, name="2b4t-random")
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*relu²")  # documented above: llama.cpp computes SiLU
+            warnings.filterwarnings("ignore", message=".*no tokenizer")
+            write_gguf(model, path, ternary_type=fmt, head_type=head, name="2b4t-random")
+        print(f"wrote {path} in {time.perf_counter() - t0:.0f} s")
+    return path, sum(t.nbytes for t in read_gguf(path).tensors.values())
 
 
 def bench_bitnet(llama_bench: Path, model: Path, threads: int, pp: int, tg: int) -> tuple[float, float]:
@@ -131,12 +129,7 @@ def main() -> None:
                                      lambda pp, tg, m=model: bench_ternlm(m, pp, tg), kernels.set_threads)
     for fmt in args.formats:
         for head in args.heads:
-            path = args.cache / f"2b4t-random-{fmt}-{head}.gguf"
-            if not path.exists():
-                t0 = time.perf_counter()
-                write_llama_gguf(hf, path, fmt, head)
-                print(f"wrote {path} in {time.perf_counter() - t0:.0f} s")
-            nbytes = sum(int(t.n_bytes) for t in gguf.GGUFReader(path).tensors)
+            path, nbytes = bench_gguf(hf, args.cache, fmt, head)
             llm = llama_cpp.Llama(str(path), n_threads=1, n_threads_batch=1, n_ctx=max(pps) + 128, n_batch=512,
                                   logits_all=False, verbose=False)
             engines[f"llama {fmt} {head}"] = ("llama.cpp", fmt, head, nbytes,
@@ -144,12 +137,7 @@ def main() -> None:
                                               lambda n, m=llm: llama_cpp.llama_set_n_threads(m.ctx, n, n))
 
     for head in args.heads if args.bitnet_cpp else []:
-        path = args.cache / f"2b4t-random-i2_s-{head}.gguf"
-        if not path.exists():
-            t0 = time.perf_counter()
-            write_bitnet_gguf(hf, path, head.upper())
-            print(f"wrote {path} in {time.perf_counter() - t0:.0f} s")
-        nbytes = sum(t.nbytes for t in read_gguf(path).tensors.values())
+        path, nbytes = bench_gguf(hf, args.cache, "i2_s", head)
         threads_now = {"n": 1}
         engines[f"bitnet.cpp {head}"] = (
             "bitnet.cpp", "i2_s", head, nbytes,

@@ -58,8 +58,8 @@ def test_causal_softmax_rejects_bad_input() -> None:
         kernels.causal_softmax(np.zeros((2, 5), np.float32), 0, 1, 1.0)
     with pytest.raises(ShapeError):
         kernels.causal_softmax(np.zeros((2, 5), np.float64), 2, 1, 1.0)
-    with pytest.raises((ShapeError, ValueError, BufferError)):
-        kernels.causal_softmax(np.zeros((2, 10), np.float32)[:, ::2], 2, 1, 1.0)  # not contiguous
+    with pytest.raises(ShapeError, match="C-contiguous"):
+        kernels.causal_softmax(np.zeros((2, 10), np.float32)[:, ::2], 2, 1, 1.0)
 
 
 @settings(max_examples=30, deadline=None)

@@ -122,7 +122,7 @@ def write_gguf(model: LoadedModel, out: str | Path, ternary_type: str = "TQ2_0",
         raise ParamError(f"{out.parent}: no such directory")
     gguf = _import_gguf()
     arch = _gguf_arch(config, weights, ternary_type)
-    tensors = list(_tensors(config, weights, arch, ternary_type, head_type, gguf))
+    tensors = list(_tensors(config, weights, arch, ternary_type, head_type))
     for t in tensors:
         if t.cols % BLOCK_COLS[t.qtype]:
             raise FormatError(f"cannot write {t.name} {list(t.shape)} as {t.qtype}: its rows of {t.cols} "
@@ -228,14 +228,12 @@ def _write_metadata(writer: Any, gguf: Any, c: ModelConfig, arch: str, ternary_t
 # ---- tensors --------------------------------------------------------------------------------------
 
 
-def _tensors(c: ModelConfig, w: ModelWeights, arch: str, ternary_type: str, head_type: str,
-             gguf: Any) -> Iterator[_Tensor]:
+def _tensors(c: ModelConfig, w: ModelWeights, arch: str, ternary_type: str, head_type: str) -> Iterator[_Tensor]:
     """Every tensor of the file, in llama.cpp's usual order, each with a function that makes its data."""
     yield _matrix("token_embd.weight", w.embed, head_type)
     yield _vector("output_norm.weight", w.norm)
     if w.head is not w.embed:
         yield _matrix("output.weight", w.head, head_type)
-    qtype = gguf.GGMLQuantizationType[ternary_type] if ternary_type != "I2_S" else None
     for i, lw in enumerate(w.layers):
         p = f"blk.{i}."
         q_rows, kv_rows = (_interleave_rows(c.q_dim, c.n_heads), _interleave_rows(c.kv_dim, c.n_kv_heads)) \
@@ -244,16 +242,16 @@ def _tensors(c: ModelConfig, w: ModelWeights, arch: str, ternary_type: str, head
         yield _vector(p + "attn_norm.weight", lw.attn_norm)
         if lw.attn_sub_norm is not None:
             yield _vector(p + "attn_sub_norm.weight", lw.attn_sub_norm)
-        yield from _projection(p + "attn_q.weight", lw.qkv, q0, k0, qtype, ternary_type, q_rows)
-        yield from _projection(p + "attn_k.weight", lw.qkv, k0, v0, qtype, ternary_type, kv_rows)
-        yield from _projection(p + "attn_v.weight", lw.qkv, v0, v0 + c.kv_dim, qtype, ternary_type)
-        yield from _projection(p + "attn_output.weight", lw.o, 0, c.dim, qtype, ternary_type)
+        yield from _projection(p + "attn_q.weight", lw.qkv, q0, k0, ternary_type, q_rows)
+        yield from _projection(p + "attn_k.weight", lw.qkv, k0, v0, ternary_type, kv_rows)
+        yield from _projection(p + "attn_v.weight", lw.qkv, v0, v0 + c.kv_dim, ternary_type)
+        yield from _projection(p + "attn_output.weight", lw.o, 0, c.dim, ternary_type)
         yield _vector(p + "ffn_norm.weight", lw.ffn_norm)
         if lw.ffn_sub_norm is not None:
             yield _vector(p + "ffn_sub_norm.weight", lw.ffn_sub_norm)
-        yield from _projection(p + "ffn_gate.weight", lw.gate_up, 0, c.ffn_dim, qtype, ternary_type)
-        yield from _projection(p + "ffn_up.weight", lw.gate_up, c.ffn_dim, 2 * c.ffn_dim, qtype, ternary_type)
-        yield from _projection(p + "ffn_down.weight", lw.down, 0, c.dim, qtype, ternary_type)
+        yield from _projection(p + "ffn_gate.weight", lw.gate_up, 0, c.ffn_dim, ternary_type)
+        yield from _projection(p + "ffn_up.weight", lw.gate_up, c.ffn_dim, 2 * c.ffn_dim, ternary_type)
+        yield from _projection(p + "ffn_down.weight", lw.down, 0, c.dim, ternary_type)
 
 
 def _interleave_rows(n_rows: int, heads: int) -> np.ndarray:
@@ -266,7 +264,7 @@ def _vector(name: str, v: np.ndarray) -> _Tensor:
     return _Tensor(name, (len(v),), "F32", lambda: np.asarray(v, np.float32))
 
 
-def _projection(name: str, lin: TernaryLinear, r0: int, r1: int, qtype: Any, type_name: str,
+def _projection(name: str, lin: TernaryLinear, r0: int, r1: int, type_name: str,
                 order: np.ndarray | None = None) -> Iterator[_Tensor]:
     """Rows [r0, r1) of a (possibly stacked) ternary layer, each row's values times its own scale; and,
     when the tensor has one scale that float16 cannot hold, `<base>.scale` with the ratio (see the top)."""
@@ -290,6 +288,7 @@ def _projection(name: str, lin: TernaryLinear, r0: int, r1: int, qtype: Any, typ
         type_name = "F16"
 
     def make() -> np.ndarray:
+        from gguf import GGMLQuantizationType
         from gguf.quants import quantize
 
         codes = [p.codes(r0, r1) for p in parts]
@@ -307,7 +306,7 @@ def _projection(name: str, lin: TernaryLinear, r0: int, r1: int, qtype: Any, typ
                     for c, sc in zip(codes, s, strict=True))
             if type_name != "F16" and n_parts > 1:
                 _check_one_scale_per_block(name, x)
-            out.append(x.astype(np.float16) if type_name == "F16" else quantize(x, qtype))
+            out.append(x.astype(np.float16) if type_name == "F16" else quantize(x, GGMLQuantizationType[type_name]))
         return np.concatenate(out)
 
     yield _Tensor(name, (r1 - r0, lin.in_features), type_name, make)

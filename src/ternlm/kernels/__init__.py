@@ -264,12 +264,12 @@ def causal_softmax(x: np.ndarray, period: int, first: int, scale: float) -> np.n
     seeing ``first`` keys), 0 after them. One C call with the GIL released, so blocks run on several threads.
     """
     rows, s = _shape2(x, "x")
-    if period <= 0 or first <= 0:
-        raise ShapeError(f"causal_softmax: period and first must be positive, got {period} and {first}")
+    if period <= 0 or first <= 0 or x.dtype != _F32:
+        raise ShapeError(f"causal_softmax: needs float32 scores and a positive period and first, got {x.dtype}, "
+                         f"{period} and {first}")
     if _ext is None:
         x[...] = _ref.causal_softmax(x, period, first, scale)
-    else:
-        _check_out(x, (rows, s), _F32)
+    else:  # the extension checks that x is C-contiguous and writable
         _ext.causal_softmax(x, rows, s, period, first, scale)
     return x
 
